@@ -1,0 +1,30 @@
+"""fxstream's exceptions: one hierarchy under :class:`FxStreamError`."""
+from __future__ import annotations
+
+
+class FxStreamError(Exception):
+    """Base class of every error fxstream raises on purpose."""
+
+
+class TraceError(FxStreamError):
+    """The model could not be traced by torch.fx."""
+
+
+class GeometryError(FxStreamError):
+    """Shape propagation or geometry inference failed at a node."""
+
+
+class SplitError(FxStreamError):
+    """``split=`` names no node, or a node past a non-local one."""
+
+
+class UnsupportedError(FxStreamError):
+    """The model or input is outside what fxstream can stream exactly."""
+
+
+class PlanError(FxStreamError):
+    """No tile plan exists for this input (tile too small, image too small)."""
+
+
+class SpecError(FxStreamError):
+    """A command-line model SPEC or --input could not be understood."""

@@ -1,0 +1,150 @@
+"""Tile plans: symbolic geometry turned into plain integers, once per input shape.
+
+Per spatial axis, the image ``[0, H)`` is cut at multiples of the alignment into owner ranges
+``[c_t, c_t+1)``. Tile *t* owns the outputs ``g`` of each boundary tensor with ``g*J`` in its
+range; its input region ``[A, B)`` is the hull of their dependencies with ``A`` snapped down to
+the alignment and ``B - A`` congruent to ``H`` modulo the alignment (so that every shape-derived
+value, such as a U-Net's pad amount, is the same in every tile as in the image).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .errors import PlanError
+
+
+@dataclass(frozen=True)
+class AxisGeometry:
+    """Plain-number geometry of one boundary tensor along one axis."""
+
+    stride: Fraction
+    lo: Fraction
+    hi: Fraction
+    size: int  # output size at the image size
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one axis: input region ``[start, stop)`` and, per boundary tensor, the
+    global outputs ``[g0, g1)`` it owns and where they sit in the tile's own output."""
+
+    start: int
+    stop: int
+    outputs: tuple[tuple[int, int], ...]
+    local: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    size: int
+    align: int
+    spans: tuple[Span, ...]
+
+    @property
+    def max_length(self) -> int:
+        return max(s.length for s in self.spans)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of one input shape: the product of the per-axis spans."""
+
+    axes: tuple[AxisPlan, ...]
+
+    @property
+    def num_tiles(self) -> int:
+        return math.prod(len(a.spans) for a in self.axes)
+
+    def tiles(self):
+        """Every tile as a tuple of per-axis spans."""
+        return itertools.product(*(a.spans for a in self.axes))
+
+    @property
+    def redundancy(self) -> float:
+        """Input pixels computed over all tiles / image pixels."""
+        computed = math.prod(sum(s.length for s in a.spans) for a in self.axes)
+        return computed / math.prod(a.size for a in self.axes)
+
+
+def _owned(c0, c1, geo: AxisGeometry, last: bool):
+    g0 = 0 if c0 == 0 else math.ceil(Fraction(c0) / geo.stride)
+    g1 = geo.size if last else min(geo.size, math.ceil(Fraction(c1) / geo.stride))
+    return min(g0, geo.size), max(min(g0, geo.size), g1)
+
+
+def plan_axis(size: int, align: int, geos: list[AxisGeometry], step: int | None,
+              tile_length=None) -> AxisPlan:
+    """Plan one axis with owner ranges of ``step`` pixels (None: one tile)."""
+    cuts = [0, size] if step is None or step >= size else list(range(0, size, step)) + [size]
+    spans = []
+    for t in range(len(cuts) - 1):
+        c0, c1 = cuts[t], cuts[t + 1]
+        last = t == len(cuts) - 2
+        outputs = tuple(_owned(c0, c1, g, last) for g in geos)
+        if all(g0 == g1 for g0, g1 in outputs):
+            continue
+        starts = [g0 * g.stride + g.lo for (g0, g1), g in zip(outputs, geos) if g1 > g0]
+        stops = [(g1 - 1) * g.stride + g.hi + 1 for (g0, g1), g in zip(outputs, geos) if g1 > g0]
+        start = max(0, math.floor(min(starts)) // align * align)
+        stop = min(size, math.ceil(max(stops)))
+        stop = stop + (size - stop) % align  # tile length congruent to the image size
+        local = tuple((g0 - int(start / g.stride), g1 - int(start / g.stride))
+                      for (g0, g1), g in zip(outputs, geos))
+        spans.append(Span(start, stop, outputs, local))
+    return AxisPlan(size, align, tuple(spans))
+
+
+def plan_tiles(sizes, align, geos_per_axis, tile_size) -> TilePlan:
+    """Largest owner steps whose tiles fit ``tile_size`` (int or one per axis).
+
+    Args:
+        sizes: image size per spatial axis.
+        align: alignment per axis (tile starts are multiples of it).
+        geos_per_axis: per axis, the list of :class:`AxisGeometry` of the boundary tensors.
+        tile_size: largest input tile edge, an int or one per axis; None for one tile.
+    Returns:
+        a :class:`TilePlan`. Raises :class:`PlanError` naming the smallest legal tile size.
+    """
+    n = len(sizes)
+    if tile_size is None:
+        tiles = [None] * n
+    elif isinstance(tile_size, int):
+        tiles = [tile_size] * n
+    else:
+        tiles = list(tile_size)
+        if len(tiles) != n:
+            raise PlanError(f"tile_size {tuple(tiles)} has {len(tiles)} entries for {n} "
+                            "spatial axes")
+    for t in tiles:
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
+            raise PlanError(f"tile_size must be a positive int (or one per axis), got {t!r}")
+    axes = []
+    for k in range(n):
+        axes.append(_plan_one_axis(k, sizes[k], align[k], geos_per_axis[k], tiles[k]))
+    return TilePlan(tuple(axes))
+
+
+def _plan_one_axis(k, size, align, geos, tile):
+    whole = plan_axis(size, align, geos, None)
+    if tile is None or whole.max_length <= tile:
+        return whole
+    smallest = plan_axis(size, align, geos, align)
+    if smallest.max_length > tile:
+        raise PlanError(f"tile_size {tile} is too small on axis {k}: the smallest legal tile "
+                        f"for this model is {smallest.max_length} (receptive field plus "
+                        f"alignment {align}); use tile_size >= {smallest.max_length}")
+    lo, hi = 1, -(-size // align)  # steps in units of align
+    while lo < hi:  # largest step whose tiles fit
+        mid = (lo + hi + 1) // 2
+        if plan_axis(size, align, geos, mid * align).max_length <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    return plan_axis(size, align, geos, lo * align)

@@ -1,0 +1,60 @@
+"""Tracing a user's model into an fx GraphModule, with stack traces and module qualnames."""
+from __future__ import annotations
+
+import traceback
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+
+
+class StreamTracer(fx.Tracer):
+    """A symbolic tracer that records stack traces and honours user leaf modules.
+
+    ``leaf_modules`` holds module classes or qualnames that are kept as single calls.
+    """
+
+    def __init__(self, leaf_modules=()):
+        super().__init__()
+        self.record_stack_traces = True
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
+    """Trace ``model`` with :class:`StreamTracer`; untraceable code raises :class:`TraceError`.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    tracer = StreamTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # torch.fx raises many types for untraceable code
+        raise TraceError(_trace_message(model, e)) from e
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _trace_message(model, error) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")]
+    where = ""
+    if user:
+        f = user[-1]
+        where = f" at {f.filename}:{f.lineno}: {(f.line or '').strip()}"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"cannot trace {type(model).__name__}{where}: {first}. "
+            "Hint: pass leaf_modules=(TheModuleClass,) to keep the untraceable module as one "
+            "call, or split='<module>' to stream only the part before it")

@@ -1,0 +1,110 @@
+"""What a geometry rule sees of one node: its arguments, their geometry, their shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .geometry import GEOMETRY, Constant, Local, NonLocal, Symbolic
+
+_MISSING = object()
+
+
+class NotLocal(Exception):
+    """Raised inside a rule: the node is not local, for the reason given."""
+
+    def __init__(self, reason: str, kind: str = "rule"):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+def concrete_shape(node: fx.Node):
+    """Shape recorded by shape propagation (``tensor_meta``), or None for non-tensors."""
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if hasattr(tm, "shape") else None
+
+
+@dataclass
+class RuleContext:
+    """Everything a rule may read; rules return a new ``Local`` or raise ``NotLocal``."""
+
+    node: fx.Node
+    module: torch.nn.Module | None
+    symbols: tuple
+
+    # -- arguments -------------------------------------------------------------------------
+    def arg(self, index: int | None, name: str | None = None, default: Any = _MISSING):
+        """The raw argument by position (after ``self`` for modules) or keyword."""
+        args, kwargs = self.node.args, self.node.kwargs
+        if index is not None and index < len(args):
+            return args[index]
+        if name is not None and name in kwargs:
+            return kwargs[name]
+        if default is _MISSING:
+            raise NotLocal(f"missing argument {name or index}")
+        return default
+
+    def value(self, raw):
+        """The Python value of an argument; shape-derived values must not depend on the size."""
+        if isinstance(raw, fx.Node):
+            g = raw.meta.get(GEOMETRY)
+            if isinstance(g, Symbolic):
+                return _constant_value(g.value)
+            raise NotLocal(f"argument '{raw.name}' is a tensor where a value was expected")
+        if isinstance(raw, (list, tuple)):
+            return type(raw)(self.value(r) for r in raw)
+        return raw
+
+    def symbolic(self, raw):
+        """Like :meth:`value` but keeps sympy expressions of the input size."""
+        if isinstance(raw, fx.Node):
+            g = raw.meta.get(GEOMETRY)
+            if isinstance(g, Symbolic):
+                return g.value
+            raise NotLocal(f"argument '{raw.name}' is a tensor where a value was expected")
+        if isinstance(raw, (list, tuple)):
+            return type(raw)(self.symbolic(r) for r in raw)
+        return raw
+
+    # -- geometry and shapes ---------------------------------------------------------------
+    @staticmethod
+    def geom(raw):
+        if isinstance(raw, fx.Node):
+            return raw.meta[GEOMETRY]
+        return Constant()
+
+    def local(self, raw=None) -> Local:
+        """The geometry of a tensor argument (the first argument by default), which must be local."""
+        raw = self.arg(0, "input") if raw is None else raw
+        g = self.geom(raw)
+        if not isinstance(g, Local):
+            raise NotLocal("expected a local tensor argument")
+        return g
+
+    @staticmethod
+    def shape(raw):
+        return concrete_shape(raw) if isinstance(raw, fx.Node) else None
+
+    @property
+    def out_shape(self):
+        return concrete_shape(self.node)
+
+    def param_shape(self, raw):
+        """Shape of a constant tensor argument (a parameter or buffer)."""
+        if isinstance(raw, torch.Tensor):
+            return tuple(raw.shape)
+        return self.shape(raw)
+
+
+def _constant_value(value):
+    if isinstance(value, sympy.Basic):
+        if value.free_symbols:
+            raise NotLocal(f"an argument depends on the image size ({value})")
+        return int(value) if value.is_integer else float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_constant_value(v) for v in value)
+    return value
