@@ -8,10 +8,12 @@
 from .analysis import Analysis, NodeRow, PlanSummary, analyze
 from .errors import (FxStreamError, GeometryError, PlanError, SpecError, SplitError, TraceError,
                      UnsupportedError)
+from .streaming import StreamingModule, compile, freeze_batchnorm
 from .tracing import trace
 
 __all__ = [
     "Analysis", "FxStreamError", "GeometryError", "NodeRow", "PlanError", "PlanSummary",
-    "SpecError", "SplitError", "TraceError", "UnsupportedError", "analyze", "trace",
+    "SpecError", "SplitError", "StreamingModule", "TraceError", "UnsupportedError", "analyze",
+    "compile", "freeze_batchnorm", "trace",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import torch.fx as fx
 from .geometry import GEOMETRY, Local, NonLocal, Symbolic
 from .nodes import module_path
 
-ROLE = "fxstream.role"  # "stem" | "boundary" | "head" | "constant"
+ROLE = "fxstream.role"  # "stem" | "boundary" | "head" | "constant" | "output"
 
 
 class SplitError(Exception):
@@ -82,7 +82,9 @@ def find_boundary(gm: fx.GraphModule, split: str | None = None) -> Boundary:
         if node.name in local and any(u.name not in stem for u in node.users):
             boundary.append(node.name)
     for node in nodes:
-        if node.name in local:
+        if node.op == "output":
+            role = "output"
+        elif node.name in local:
             role = "boundary" if node.name in boundary else "stem"
         elif node.name in stem:
             role = "stem"

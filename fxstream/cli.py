@@ -1,0 +1,113 @@
+"""The ``fxstream`` command line.
+
+    fxstream analyze torchvision.models:resnet50 --input 1x3x8192x8192 --tile 2048
+
+Each subcommand is one ``add_<name>`` function that registers its parser and the function that
+runs it; :data:`COMMANDS` lists them. A run function takes the parsed arguments and returns the
+exit status. Errors fxstream raises on purpose (:class:`~fxstream.errors.FxStreamError`) end the
+run with status 2 and one line on stderr, ``fxstream: error: ...``; anything else is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import FxStreamError
+
+PROG = "fxstream"
+SPEC_HELP = ("model SPEC: 'package.module:callable' (e.g. torchvision.models:resnet50), "
+             "'path/to/model.py:callable' or 'timm:NAME'; called without arguments, no weights "
+             "are downloaded")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``fxstream analyze``: trace the model, report geometry, boundary and tile plan."""
+    from rich.console import Console
+
+    from .analysis import analyze
+    from .report import render, to_json
+    from .spec import load_model, parse_input, parse_tile
+
+    input_shape = parse_input(args.input)
+    tile = parse_tile(args.tile) if args.tile is not None else None
+    model = load_model(args.spec)
+    if not args.train:
+        model.eval()
+    analysis = analyze(model, input_shape, tile_size=tile, split=args.split)
+    if args.json:
+        sys.stdout.write(to_json(analysis) + "\n")
+    else:
+        render(analysis, Console(highlight=False), all_nodes=args.all_nodes)
+    return 0
+
+
+def add_analyze(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze", help="show where a model can be streamed and what a tile plan costs",
+        description="Trace a model with torch.fx and report each node's stride and receptive "
+                    "field, the stem/head boundary, the global nodes and, with --tile, the tile "
+                    "plan. The model is put in eval mode first (BatchNorm in train mode is not "
+                    "local); pass --train to keep it in train mode.")
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--input", required=True, metavar="NxCxHxW",
+                   help="input shape, sizes joined by 'x', e.g. 1x3x8192x8192")
+    p.add_argument("--tile", metavar="SIZE",
+                   help="largest input tile: one size (2048) or one per spatial axis (2048x1024)")
+    p.add_argument("--split", metavar="NAME",
+                   help="node name or module qualname whose output becomes the boundary")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.add_argument("--all-nodes", action="store_true",
+                   help="list every node, not only those that change the geometry")
+    p.add_argument("--train", action="store_true",
+                   help="keep the model in train mode (default: eval mode)")
+    p.set_defaults(run=cmd_analyze)
+
+
+# name -> function that registers the subcommand's parser (and sets ``run``)
+COMMANDS = {
+    "analyze": add_analyze,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Exact tiled streaming of CNN stems on huge images.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 usage or model error).
+
+    Example:
+        >>> main(["analyze", "torch.nn:Identity", "--input", "0x3"])
+        2
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except FxStreamError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or \
+        type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

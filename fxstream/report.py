@@ -1,0 +1,214 @@
+"""Rendering an :class:`~fxstream.analysis.Analysis`: a rich report and JSON.
+
+Compute, then render: everything shown here is read from the ``Analysis`` fields (its rows'
+strings, its plan summary); nothing is derived from the graph or from sympy. The only decisions
+made here are presentational: which rows to show, how to join per-axis values, how to shorten
+source paths, how to write byte counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .analysis import Analysis, NodeRow
+
+BOUNDARY_MARK = "▶"
+_SOURCE = re.compile(r"^(?P<path>.*?):(?P<line>\d+): ?(?P<code>.*)$", re.S)
+_PACKAGE_ROOTS = ("site-packages/", "dist-packages/")
+
+
+def to_json(analysis: Analysis) -> str:
+    """The analysis as indented JSON: exactly ``analysis.to_dict()``.
+
+    Example:
+        >>> import json, torch.nn as nn, fxstream
+        >>> a = fxstream.analyze(nn.Conv2d(3, 4, 3), (1, 3, 16, 16))
+        >>> json.loads(to_json(a))["boundary"]
+        ['_0']
+    """
+    return json.dumps(analysis.to_dict(), indent=2)
+
+
+def render(analysis: Analysis, console: Console, all_nodes: bool = False) -> None:
+    """Print the report: header, node table, global nodes, tile plan.
+
+    Args:
+        analysis: what :func:`fxstream.analyze` returned.
+        console: where to print; for snapshots use
+            ``Console(width=120, color_system=None, force_terminal=False)``.
+        all_nodes: show every node, not only those selected by :func:`shown_rows`.
+
+    Example:
+        >>> import io, torch.nn as nn, fxstream
+        >>> a = fxstream.analyze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (1, 3, 16, 16))
+        >>> out = io.StringIO()
+        >>> render(a, Console(file=out, width=100, color_system=None))
+        >>> "boundary" in out.getvalue()
+        True
+    """
+    console.print(_header(analysis))
+    console.print()
+    console.print(node_table(analysis, all_nodes))
+    console.print()
+    console.print(_globals(analysis))
+    console.print()
+    console.print(_plan(analysis))
+
+
+def shown_rows(analysis: Analysis, all_nodes: bool = False) -> list[NodeRow]:
+    """The rows the table shows: all of them, or those where the geometry changes.
+
+    Without ``all_nodes`` the rule is: the input and boundary rows, plus every local stem row
+    whose ``(stride, interval)`` has not appeared on an earlier row (in graph order). Pointwise
+    ops (activations, eval BatchNorm) copy their input's geometry and joins (add, cat) take the
+    hull of their inputs', which is usually one of them, so both drop out; convolutions and
+    pools that widen the receptive field or change the stride stay. The rule is deliberately
+    simple: a layer that exactly repeats a geometry reached on a parallel branch is hidden too,
+    and ``--all-nodes`` shows everything.
+    """
+    if all_nodes:
+        return list(analysis.rows)
+    seen, rows = set(), []
+    for r in analysis.rows:
+        if r.role in ("input", "boundary"):
+            rows.append(r)
+        elif r.role == "stem" and r.local and r.stride:
+            key = (r.stride, r.interval)
+            if key not in seen:
+                rows.append(r)
+        if r.stride:
+            seen.add((r.stride, r.interval))
+    return rows
+
+
+def node_table(analysis: Analysis, all_nodes: bool = False) -> Table:
+    """The node table: one line per shown row, boundary rows bold and marked."""
+    boundary = set(analysis.boundary)
+    title = "all nodes" if all_nodes else "nodes that change the geometry"
+    table = Table(title=f"{analysis.model}: {title}", box=box.SIMPLE_HEAD, title_justify="left",
+                  caption=f"{BOUNDARY_MARK} boundary (handed to the head); stride, RF (receptive "
+                          "field) and interval in input pixels",
+                  caption_justify="left", pad_edge=False)
+    # numbers never wrap; on a narrow console the module and op names are cut short first
+    table.add_column("node", no_wrap=True)
+    table.add_column("module", overflow="ellipsis")
+    table.add_column("op", overflow="ellipsis")
+    if all_nodes:  # otherwise every row is a stem row (or the input, or marked boundary)
+        table.add_column("role", overflow="ellipsis")
+    for name in ("stride", "RF", "interval", "output"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in shown_rows(analysis, all_nodes):
+        marked = r.name in boundary
+        role = [Text(r.role)] if all_nodes else []
+        table.add_row(
+            Text(f"{BOUNDARY_MARK} {r.name}" if marked else f"  {r.name}"),
+            Text(r.qualname), Text(r.op), *role,
+            Text(_axes(r.stride) if r.stride else "-"),
+            Text(_axes(r.receptive_field) if r.receptive_field else "-"),
+            Text(_axes([f"[{lo}, {hi}]" for lo, hi in r.interval]) if r.interval else "-"),
+            Text("×".join(str(d) for d in r.shape[1:]) if r.shape else "-"),
+            style="bold" if marked else None,
+        )
+    return table
+
+
+def display_path(path: str) -> str:
+    """A source path that does not depend on the machine: installed files are shown from their
+    package (``torchvision/models/resnet.py``), files under the working directory relative to it.
+    """
+    path = path.replace("\\", "/")
+    for root in _PACKAGE_ROOTS:
+        if root in path:
+            return path.rsplit(root, 1)[1]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if rel.startswith("..") else rel.replace("\\", "/")
+
+
+def display_source(source: str) -> str:
+    """``path:line: code`` with the path shortened by :func:`display_path`."""
+    m = _SOURCE.match(source)
+    if not m:
+        return source
+    return f"{display_path(m['path'])}:{m['line']}: {m['code'].strip()}"
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in binary units: ``human_bytes(3 * 2**30) == '3.0 GiB'``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"
+
+
+def _axes(values) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(set(values)) == 1 else " × ".join(values)
+
+
+def _dtype(name: str) -> str:
+    return name.replace("torch.", "")
+
+
+def _header(a: Analysis) -> Text:
+    text = Text()
+    text.append("fxstream analyze ", style="bold")
+    text.append(f"{a.model}  input {'×'.join(map(str, a.input_shape))} {_dtype(a.dtype)}")
+    if a.split:
+        text.append(f"  split {a.split!r}")
+    text.append("\nboundary: ")
+    for i, r in enumerate(a.boundary_rows):
+        if i:
+            text.append(", ")
+        text.append(r.name, style="bold")
+        text.append(f" (stride {_axes(r.stride)}, RF {_axes(r.receptive_field)})")
+    if a.alignment:
+        text.append(f"\ntile alignment: {_axes(a.alignment)} px")
+    return text
+
+
+def _globals(a: Analysis):
+    rows = a.global_rows
+    title = Text("Global nodes", style="bold")
+    if not rows:
+        return Group(title, Text("  none: every node is local, the whole model can be "
+                                 "streamed"))
+    lines = [Text.assemble(title, " (where the head starts; they need the whole image)")]
+    for r in rows:
+        lines.append(Text.assemble("  ", (r.name, "bold"), f" ({r.op}",
+                                   f", module {r.qualname})" if r.qualname else ")",
+                                   f": {r.reason}"))
+        if r.source:
+            lines.append(Text(f"      at {display_source(r.source)}"))
+    return Group(*lines)
+
+
+def _plan(a: Analysis):
+    title = Text("Tile plan", style="bold")
+    p = a.plan
+    if p is None:
+        return Group(title, Text("  none: pass --tile SIZE (e.g. --tile 2048) to plan tiles"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row("  tile size", f"{_axes(p.tile_size)} px (largest input tile "
+                 f"{' × '.join(map(str, p.max_tile))})")
+    grid.add_row("  tiles", f"{' × '.join(map(str, p.tiles_per_axis))} = {p.num_tiles}")
+    grid.add_row("  margin", f"{_axes(p.margin)} px of context on each side of a tile's outputs")
+    grid.add_row("  overlap", f"{_axes(p.overlap)} px between neighbouring input tiles")
+    grid.add_row("  redundancy", f"{p.redundancy:.2f}× (input pixels computed over all tiles / "
+                 "image pixels)")
+    grid.add_row("  activations", f"{human_bytes(p.full_activation_bytes)} on the full image, "
+                 f"{human_bytes(p.tile_activation_bytes)} on one tile (all stem outputs, "
+                 f"{_dtype(a.dtype)}, estimated)")
+    return Group(title, grid)
