@@ -13,7 +13,7 @@ import torch.nn as nn
 import passes
 from passes import GEOMETRY, ROLE, Local, NonLocal, Symbolic
 
-from .errors import GeometryError, SplitError, UnsupportedError
+from .errors import GeometryError, PlanError, SplitError, UnsupportedError
 from .plan import AxisGeometry, TilePlan, plan_tiles
 from .tracing import trace
 
@@ -271,8 +271,37 @@ def _frac(x) -> Fraction:
 def make_plan(analysis: Analysis, input_shape, tile_size) -> TilePlan:
     """The :class:`TilePlan` for one input shape (plain integers from the symbolic geometry)."""
     sizes = tuple(input_shape[2:])
+    _check_stem_sizes(analysis, input_shape)
     geos = boundary_geometry(analysis, input_shape)
     return plan_tiles(sizes, analysis.alignment, geos, tile_size)
+
+
+def _check_stem_sizes(analysis: Analysis, input_shape):
+    """Every stem tensor must be non-empty on this image (else the image is too small)."""
+    gm = analysis.graph_module
+    symbols = passes.input_symbols(len(input_shape) - 2)
+    values = dict(zip(symbols, input_shape[2:]))
+    seen = {}
+    for node in gm.graph.nodes:
+        g = node.meta.get(GEOMETRY)
+        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
+            continue
+        for k, ax in enumerate(g.axes):
+            if ax.size not in seen:
+                seen[ax.size] = int(ax.size.subs(values))
+            if seen[ax.size] < 1:
+                raise PlanError(
+                    f"the image {tuple(input_shape)} is too small for the stem: "
+                    f"'{node.name}' ({passes.qualname(node) or node.op}) would have size "
+                    f"{seen[ax.size]} on axis {k} (size = {ax.size}); use a larger image")
+
+
+def smallest_tile_size(analysis: Analysis, input_shape) -> tuple[int, ...]:
+    """Per spatial axis, the smallest ``tile_size`` that has a legal plan for this input."""
+    from .plan import smallest_tile
+
+    return smallest_tile(tuple(input_shape[2:]), analysis.alignment,
+                         boundary_geometry(analysis, input_shape))
 
 
 def _with_plan(analysis: Analysis, plan: TilePlan, tile_size) -> Analysis:

@@ -117,11 +117,13 @@ def plan_tiles(sizes, align, geos_per_axis, tile_size) -> TilePlan:
         tiles = [None] * n
     elif isinstance(tile_size, int):
         tiles = [tile_size] * n
-    else:
+    elif isinstance(tile_size, (tuple, list)):
         tiles = list(tile_size)
         if len(tiles) != n:
             raise PlanError(f"tile_size {tuple(tiles)} has {len(tiles)} entries for {n} "
                             "spatial axes")
+    else:
+        tiles = [tile_size] * n
     for t in tiles:
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
             raise PlanError(f"tile_size must be a positive int (or one per axis), got {t!r}")
@@ -129,6 +131,12 @@ def plan_tiles(sizes, align, geos_per_axis, tile_size) -> TilePlan:
     for k in range(n):
         axes.append(_plan_one_axis(k, sizes[k], align[k], geos_per_axis[k], tiles[k]))
     return TilePlan(tuple(axes))
+
+
+def smallest_tile(sizes, align, geos_per_axis) -> tuple[int, ...]:
+    """Per axis, the smallest legal ``tile_size``: one alignment step of outputs per tile."""
+    return tuple(plan_axis(sizes[k], align[k], geos_per_axis[k], align[k]).max_length
+                 for k in range(len(sizes)))
 
 
 def _plan_one_axis(k, size, align, geos, tile):

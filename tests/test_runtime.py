@@ -1,0 +1,212 @@
+"""The StreamingModule behaves like the module it replaces; bad input gets a clear error."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxstream
+from fxstream.check import check
+
+
+def small_net(bn=False):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)]
+    return nn.Sequential(*layers)
+
+
+def test_generated_code_and_shared_parameters():
+    net = small_net()
+    sm = fxstream.compile(net, tile_size=16)
+    assert "fxstream_stem" in sm.code
+    assert set(sm.state_dict()) == set(net.state_dict())
+    assert {id(p) for p in sm.parameters()} == {id(p) for p in net.parameters()}
+    sm.load_state_dict(net.state_dict())
+
+
+def test_optimizer_over_model_parameters_trains_streamed_module():
+    net = small_net()
+    sm = fxstream.compile(net, tile_size=16)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 40, 40)
+    before = net[0].weight.detach().clone()
+    sm(x).sum().backward()
+    opt.step()
+    assert not torch.equal(before, net[0].weight)
+
+
+def test_inference_keeps_no_graph():
+    sm = fxstream.compile(small_net(), tile_size=16)
+    with torch.no_grad():
+        out = sm(torch.randn(1, 3, 40, 40))
+    assert out.grad_fn is None
+
+
+def test_backward_runs_when_only_parameters_require_grad():
+    net = small_net().double()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)  # image does not require grad
+    net(x).sum().backward()
+    want = net[0].weight.grad.clone()
+    net.zero_grad()
+    fxstream.compile(net, tile_size=16)(x).sum().backward()
+    assert (net[0].weight.grad - want).abs().max() / want.abs().max() < 1e-10
+
+
+def test_tuple_and_dict_outputs():
+    class TwoOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            a = F.relu(self.a(x))
+            b = self.b(a)
+            return {"fine": a, "coarse": b, "pooled": b.mean((2, 3))}
+
+    torch.manual_seed(0)
+    net = TwoOut().double()
+    result = check(net, (1, 3, 37, 41), 16)
+    assert result.num_tiles > 1 and result.passed, result.diffs
+    out = fxstream.compile(net, tile_size=16)(torch.randn(1, 3, 37, 41, dtype=torch.float64))
+    assert set(out) == {"fine", "coarse", "pooled"}
+
+
+def test_dropout_replays_the_same_mask_in_the_recompute():
+    """Y = 2*mask for an all-ones image, and dL/dx = 2*mask only if the recompute replays the
+    forward's random stream tile by tile."""
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    conv.weight.data.fill_(1.0)
+    net = nn.Sequential(nn.Dropout(0.5), conv).train()
+    sm = fxstream.compile(net, tile_size=8, input_shape=(1, 1, 30, 30))
+    x = torch.ones(1, 1, 30, 30, requires_grad=True)
+    y = sm(x)
+    y.sum().backward()
+    assert len(sm.engine.exec_plan(x).tiles) > 1
+    assert 0 < (y == 0).sum() < y.numel()
+    assert torch.equal(x.grad, y.detach())
+
+
+def test_float32_and_bfloat16_autocast_close_to_full_image():
+    net = small_net()
+    x = torch.randn(1, 3, 48, 40)
+    sm = fxstream.compile(net, tile_size=20)
+    assert (sm(x) - net(x)).abs().max() < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, streamed = net(x), sm(x)
+    assert streamed.dtype == full.dtype
+    assert (streamed.float() - full.float()).abs().max() < 5e-2
+
+
+def test_bfloat16_model():
+    net = small_net().to(torch.bfloat16)
+    x = torch.randn(1, 3, 40, 40, dtype=torch.bfloat16, requires_grad=True)
+    out = fxstream.compile(net, tile_size=16)(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+def test_wrong_number_of_dims():
+    sm = fxstream.compile(small_net(), tile_size=16)
+    with pytest.raises(fxstream.UnsupportedError, match=r"expected an image with 4 dims"):
+        sm(torch.randn(3, 40, 40))
+
+
+def test_wrong_channels():
+    sm = fxstream.compile(small_net(), tile_size=16)
+    with pytest.raises(fxstream.UnsupportedError, match=r"expected 3 channels, got 5"):
+        sm(torch.randn(1, 5, 40, 40))
+
+
+@pytest.mark.parametrize("tile", [0, -3, 2.5])
+def test_bad_tile_size(tile):
+    with pytest.raises(fxstream.PlanError, match=r"tile_size must be a positive int"):
+        fxstream.compile(small_net(), tile_size=tile)
+
+
+def test_tile_too_small_names_smallest_legal_tile():
+    with pytest.raises(fxstream.PlanError, match=r"the smallest legal tile for this model is "
+                                                 r"\d+.*use tile_size >= \d+"):
+        fxstream.compile(small_net(), tile_size=4)
+
+
+def test_image_smaller_than_the_stem_accepts():
+    net = nn.Sequential(nn.Conv2d(3, 4, 7), nn.Conv2d(4, 4, 7), nn.AdaptiveAvgPool2d(1))
+    sm = fxstream.compile(net, tile_size=64)
+    with pytest.raises(fxstream.PlanError, match=r"too small for the stem: '_1'"):
+        sm(torch.randn(1, 3, 10, 10))
+
+
+def test_train_mode_batchnorm_is_an_error_with_the_fix():
+    net = small_net(bn=True).train()
+    with pytest.raises(fxstream.UnsupportedError, match=r"train-mode BatchNorm.*freeze_batchnorm"):
+        fxstream.compile(net, tile_size=16)
+    sm = fxstream.compile(net.eval(), tile_size=16)
+    sm.train()
+    with pytest.raises(fxstream.UnsupportedError, match=r"train-mode BatchNorm in the streamed "
+                                                        r"stem \(1\)"):
+        sm(torch.randn(1, 3, 40, 40))
+
+
+def test_freeze_batchnorm_allows_training():
+    net = fxstream.freeze_batchnorm(small_net(bn=True)).double()
+    sm = fxstream.compile(net, tile_size=16).train()
+    assert not net[1].training
+    result = check(net, (1, 3, 40, 40), 16)
+    assert result.passed
+    sm(torch.randn(1, 3, 40, 40, dtype=torch.float64)).sum().backward()
+    assert net[1].weight.grad is not None
+
+
+def test_split_past_a_non_local_node():
+    net = small_net()
+    with pytest.raises(fxstream.SplitError, match=r"split='6' ends at '_6', which is not "
+                                                  r"local: '_4' adaptive pooling"):
+        fxstream.compile(net, tile_size=16, split="6")
+    with pytest.raises(fxstream.SplitError, match=r"split='layer9' names no node"):
+        fxstream.compile(net, tile_size=16, split="layer9")
+
+
+def test_split_streams_only_the_named_part():
+    net = small_net().double()
+    sm = fxstream.compile(net, tile_size=16, split="1")
+    assert sm.analysis.boundary == ("_1",)
+    assert check(net, (1, 3, 40, 40), 16, split="1").passed
+
+
+def test_untraceable_model():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.conv(x)
+            return x
+
+    with pytest.raises(fxstream.TraceError, match=r"cannot trace Dynamic at .*test_runtime.py:"
+                                                  r"\d+: if x.sum\(\) > 0.*leaf_modules"):
+        fxstream.compile(Dynamic(), tile_size=16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_image_cuda_stem():
+    net = small_net().double().cuda()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    sm = fxstream.compile(net, tile_size=24)
+    out = sm(x)
+    assert out.device.type == "cuda"
+    out.sum().backward()
+    assert x.grad.device.type == "cpu"
+    ref_x = x.detach().cuda().requires_grad_(True)
+    net.zero_grad()
+    net(ref_x).sum().backward()
+    assert (x.grad.cuda() - ref_x.grad).abs().max() / ref_x.grad.abs().max() < 1e-10
