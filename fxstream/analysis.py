@@ -1,6 +1,7 @@
 """``fxstream.analyze``: the analysis pipeline and the :class:`Analysis` it returns."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -220,7 +221,9 @@ def _alignment(gm, boundary) -> tuple[int, ...]:
     return tuple(aligns or ())
 
 
+@functools.lru_cache(maxsize=4096)
 def _fmt(x) -> str:
+    """sympy's printer is slow and many nodes share a few expressions: print each once."""
     return str(x)
 
 

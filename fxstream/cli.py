@@ -34,7 +34,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = load_model(args.spec)
     if not args.train:
         model.eval()
-    analysis = analyze(model, input_shape, tile_size=tile, split=args.split)
+    analysis = analyze(model, input_shape, tile_size=tile, split=args.split,
+                       leaf_modules=tuple(args.leaf))
     if args.json:
         sys.stdout.write(to_json(analysis) + "\n")
     else:
@@ -56,6 +57,9 @@ def add_analyze(subparsers) -> None:
                    help="largest input tile: one size (2048) or one per spatial axis (2048x1024)")
     p.add_argument("--split", metavar="NAME",
                    help="node name or module qualname whose output becomes the boundary")
+    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
+                   help="keep this submodule as one call when tracing (repeatable); for "
+                        "submodules torch.fx cannot trace")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
     p.add_argument("--all-nodes", action="store_true",
                    help="list every node, not only those that change the geometry")

@@ -30,7 +30,7 @@ def to_json(analysis: Analysis) -> str:
         >>> import json, torch.nn as nn, fxstream
         >>> a = fxstream.analyze(nn.Conv2d(3, 4, 3), (1, 3, 16, 16))
         >>> json.loads(to_json(a))["boundary"]
-        ['_0']
+        ['conv2d']
     """
     return json.dumps(analysis.to_dict(), indent=2)
 

@@ -51,7 +51,7 @@ def load_model(spec: str):
         obj = _get_attr(module, where, attr)
         model = obj if isinstance(obj, nn.Module) else _call(obj, spec)
     if not isinstance(model, nn.Module):
-        raise SpecError(f"model SPEC {spec!r} gave a {type(model).__name__}, not an "
+        raise SpecError(f"model SPEC {spec!r} returned {type(model).__name__}, not an "
                         f"nn.Module; {FORMS}")
     return model
 

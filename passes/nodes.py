@@ -33,11 +33,16 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 def source_line(node: fx.Node) -> str:
     """``file:line: code`` of the innermost recorded frame of the node's stack trace."""
     trace = node.stack_trace or ""
-    frames = _FRAME.findall(trace)
+    frames = [f for f in _FRAME.findall(trace) if not _is_torch_internal(f[0])]
     if not frames:
         return ""
     path, line, _func, code = frames[-1]
     return f"{path}:{line}: {code.strip()}"
+
+
+def _is_torch_internal(path: str) -> bool:
+    path = path.replace("\\", "/")
+    return "/torch/fx/" in path or "/torch/nn/modules/module.py" in path
 
 
 def target_name(node: fx.Node, module=None) -> str:
@@ -52,5 +57,6 @@ def target_name(node: fx.Node, module=None) -> str:
                                                                      str(node.target))
         mod = {"torch.nn.functional": "F", "_operator": "operator",
                "torch._C._nn": "F", "torch._C._VariableFunctions": "torch"}.get(mod, mod)
+        name = name.replace("_VariableFunctionsClass.", "")
         return f"{mod}.{name}" if mod else name
     return node.op
