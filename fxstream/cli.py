@@ -68,9 +68,69 @@ def add_analyze(subparsers) -> None:
     p.set_defaults(run=cmd_analyze)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """``fxstream check``: streamed vs full image, forward and backward; exit 1 if they differ."""
+    from rich.console import Console
+
+    from .check import check
+    from .report import render_check
+    from .spec import load_model, parse_input, parse_tile
+
+    input_shape = parse_input(args.input)
+    tile = parse_tile(args.tile)
+    dtype = _parse_dtype(args.dtype)
+    model = load_model(args.spec)
+    if not args.train:
+        model.eval()
+    result = check(model, input_shape, tile, dtype=dtype, tol=args.tol, split=args.split,
+                   leaf_modules=tuple(args.leaf), seed=args.seed, device=args.device)
+    render_check(result, Console(highlight=False), all_rows=args.all_rows)
+    return 0 if result.passed else 1
+
+
+def _parse_dtype(name: str):
+    import torch
+
+    from .errors import SpecError
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SpecError(f"--dtype {name!r}: expected a floating dtype such as float64, float32 "
+                        "or bfloat16")
+    return dtype
+
+
+def add_check(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check", help="compare streamed and full-image outputs and gradients",
+        description="Build the model, run a full-image and a streamed forward and backward with "
+                    "the same weights, image and random linear loss, and print the largest "
+                    "absolute and relative difference of the output, each parameter's gradient "
+                    "and the image gradient. Exit 1 if any exceeds --tol. The model is put in "
+                    "eval mode first unless --train is given.")
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--input", required=True, metavar="NxCxHxW",
+                   help="input shape, e.g. 1x3x1024x1024")
+    p.add_argument("--tile", required=True, metavar="SIZE",
+                   help="largest input tile: one size (256) or one per spatial axis (256x128)")
+    p.add_argument("--dtype", default="float64", help="dtype of model and image (float64)")
+    p.add_argument("--tol", type=float, default=1e-10,
+                   help="largest relative difference allowed (default 1e-10)")
+    p.add_argument("--split", metavar="NAME", help="stream only up to this node or module")
+    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
+                   help="keep this submodule as one call when tracing (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of image, loss weights (0)")
+    p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda)")
+    p.add_argument("--all-rows", action="store_true",
+                   help="list every parameter, not only the worst ones")
+    p.add_argument("--train", action="store_true", help="keep the model in train mode")
+    p.set_defaults(run=cmd_check)
+
+
 # name -> function that registers the subcommand's parser (and sets ``run``)
 COMMANDS = {
     "analyze": add_analyze,
+    "check": add_check,
 }
 
 

@@ -212,3 +212,35 @@ def _plan(a: Analysis):
                  f"{human_bytes(p.tile_activation_bytes)} on one tile (all stem outputs, "
                  f"{_dtype(a.dtype)}, estimated)")
     return Group(title, grid)
+
+
+def render_check(result, console: Console, all_rows: bool = False, limit: int = 12) -> None:
+    """Render a :class:`~fxstream.check.CheckResult`: a table of differences and the verdict.
+
+    Without ``all_rows`` the output, the image gradient and the ``limit`` worst parameter
+    gradients are listed (the verdict always covers every row).
+    """
+    diffs = list(result.diffs)
+    fixed = [d for d in diffs if d.name.startswith(("output", "input gradient"))]
+    params = sorted((d for d in diffs if d not in fixed), key=lambda d: -d.max_rel)
+    failing = sum(1 for d in params if not d.ok)
+    shown = fixed + (params if all_rows else params[:max(limit, failing)])
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for col, just in (("tensor", "left"), ("max abs diff", "right"), ("max rel diff", "right"),
+                      ("", "left")):
+        table.add_column(col, justify=just)
+    for d in shown:
+        table.add_row(d.name, f"{d.max_abs:.3e}", f"{d.max_rel:.3e}",
+                      "ok" if d.ok else Text("FAIL", style="bold red"))
+    shape = "×".join(str(s) for s in result.input_shape)
+    console.print(Text(f"fxstream check  input {shape} {_dtype(result.dtype)}  tile "
+                       f"{result.tile_size}  {result.num_tiles} tiles", style="bold"))
+    console.print(table)
+    if len(shown) < len(diffs):
+        console.print(f"  ({len(diffs) - len(shown)} more parameter gradients within "
+                      "tolerance; --all-rows lists them)")
+    worst = result.worst
+    verdict = "PASS" if result.passed else "FAIL"
+    console.print(Text(f"{verdict}: worst relative difference {worst.max_rel:.3e} ({worst.name})"
+                       f", tolerance {result.tol:g}",
+                       style="bold green" if result.passed else "bold red"))

@@ -111,8 +111,9 @@ POINTWISE_FUNCTIONS = (
     torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.erf, torch.square,
     torch.sign, torch.reciprocal, torch.nan_to_num, torch.floor, torch.ceil, torch.round,
     operator.neg, operator.pos, torch.sin, torch.cos, torch.log1p, torch.expm1,
-    F.dropout1d, F.dropout2d, F.dropout3d, F.channel_shuffle, torch.channel_shuffle,
+    F.dropout1d, F.dropout2d, F.dropout3d,
 )
+CHANNEL_FUNCTIONS = (F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
 POINTWISE_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt",
     "abs", "neg", "clamp", "clamp_", "clip", "clip_", "contiguous", "float", "double", "half",
@@ -129,10 +130,12 @@ def pointwise(ctx: RuleContext) -> Local:
     return local
 
 
-@rule(*CHANNEL_MODULES)
+@rule(*CHANNEL_MODULES, *CHANNEL_FUNCTIONS)
 def channelwise(ctx: RuleContext) -> Local:
+    """Ops that treat dim 1 as channels (per-channel weights, channel shuffle)."""
     local = ctx.local()
     _check_channel_params(ctx, local, "a per-channel op")
+    _check_scalar_args(ctx)
     return local
 
 
@@ -171,13 +174,49 @@ def batchnorm_function(ctx: RuleContext) -> Local:
     return local
 
 
-@rule(nn.GroupNorm, F.group_norm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-      F.instance_norm, nn.LocalResponseNorm, F.local_response_norm)
+@rule(nn.GroupNorm, F.group_norm)
 def statistics_over_space(ctx: RuleContext) -> Local:
     name = getattr(ctx.node.target, "__name__", type(ctx.module).__name__)
-    if isinstance(ctx.module, (nn.LocalResponseNorm,)) or ctx.node.target is F.local_response_norm:
-        raise NotLocal("no geometry rule for LocalResponseNorm", kind="no_rule")
     raise NotLocal(f"{name} normalises with statistics over the whole spatial extent")
+
+
+@rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instance_norm_module(ctx: RuleContext) -> Local:
+    """Per-channel and local only in eval mode with tracked running statistics."""
+    m = ctx.module
+    if m.training or not m.track_running_stats or m.running_mean is None:
+        raise NotLocal(f"{type(m).__name__} normalises with statistics over the whole spatial "
+                       "extent")
+    local = ctx.local()
+    _check_channel_params(ctx, local, "InstanceNorm running statistics")
+    return local
+
+
+@rule(F.instance_norm)
+def instance_norm_function(ctx: RuleContext) -> Local:
+    use_input_stats = ctx.value(ctx.arg(5, "use_input_stats", True))
+    if use_input_stats or ctx.arg(1, "running_mean", None) is None:
+        raise NotLocal("instance_norm normalises with statistics over the whole spatial extent")
+    local = ctx.local()
+    _check_channel_params(ctx, local, "InstanceNorm running statistics")
+    _check_constant_args(ctx, [1, 2, 3, 4], ["running_mean", "running_var", "weight", "bias"])
+    return local
+
+
+@rule(nn.LocalResponseNorm, F.local_response_norm)
+def local_response_norm(ctx: RuleContext) -> Local:
+    """A window over neighbouring channels (dim 1) at each position: local in space."""
+    local = ctx.local()
+    _check_channel_params(ctx, local, "LocalResponseNorm's channel window")
+    return local
+
+
+def _check_constant_args(ctx, indices, names):
+    """Weights of a layer (conv weight, linear weight, norm statistics) must be constants."""
+    for i, name in zip(indices, names):
+        raw = ctx.arg(i, name, None)
+        if isinstance(ctx.geom(raw), Local):
+            raise NotLocal(f"its {name} is computed from the image")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +370,7 @@ def conv_module(ctx: RuleContext) -> Local:
 
 @rule(F.conv1d, F.conv2d, F.conv3d)
 def conv_function(ctx: RuleContext) -> Local:
+    _check_constant_args(ctx, [1, 2], ["weight", "bias"])
     weight_shape = ctx.param_shape(ctx.arg(1, "weight"))
     kernel = weight_shape[2:]
     n = len(kernel)
@@ -403,6 +443,7 @@ def conv_transpose_module(ctx: RuleContext) -> Local:
 
 @rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 def conv_transpose_function(ctx: RuleContext) -> Local:
+    _check_constant_args(ctx, [1, 2], ["weight", "bias"])
     kernel = ctx.param_shape(ctx.arg(1, "weight"))[2:]
     n = len(kernel)
     return _conv_transpose(ctx, n, kernel, ctx.value(ctx.arg(3, "stride", 1)),
@@ -574,6 +615,8 @@ def reshape(ctx: RuleContext) -> Local:
         dims.append(matches[0])
     if ctx.node.target in ("view", "reshape", torch.reshape):
         _check_reshape_sizes(ctx, local, dims)
+    if ctx.node.target in ("unflatten", torch.unflatten) or isinstance(ctx.module, nn.Unflatten):
+        _check_unflatten_sizes(ctx, local, dims, rank=len(in_shape))
     return local.with_axes(local.axes, dims)
 
 
@@ -584,16 +627,35 @@ def _check_reshape_sizes(ctx, local, dims):
     elif "shape" in ctx.node.kwargs:
         raw = list(ctx.node.kwargs["shape"])
     sizes = ctx.symbolic(raw)
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):  # x.reshape(y.shape)
+        sizes = list(sizes[0])
     for k, e in enumerate(dims):
-        s = sizes[e]
-        if isinstance(s, sympy.Basic) and sympy.simplify(s - local.axes[k].size) == 0:
-            continue
-        if not isinstance(s, sympy.Basic) and s == -1:
-            others = [sizes[i] for i in range(len(sizes)) if i != e]
-            if all(not (isinstance(o, sympy.Basic) and o.free_symbols) for o in others):
-                continue
-        raise NotLocal(f"reshape gives spatial axis {k} the size {s}, fixed at this image size; "
-                       "use x.shape to keep it")
+        _check_spatial_size(local, k, sizes, e)
+
+
+def _check_spatial_size(local, k, sizes, e):
+    """``sizes[e]`` gives spatial axis ``k`` its size: it must follow the image size."""
+    s = sizes[e]
+    if isinstance(s, sympy.Basic) and sympy.simplify(s - local.axes[k].size) == 0:
+        return
+    if not isinstance(s, sympy.Basic) and s == -1:
+        others = [sizes[i] for i in range(len(sizes)) if i != e]
+        if all(not (isinstance(o, sympy.Basic) and o.free_symbols) for o in others):
+            return
+    raise NotLocal(f"reshape gives spatial axis {k} the size {s}, fixed at this image size; "
+                   "use x.shape to keep it")
+
+
+def _check_unflatten_sizes(ctx, local, dims, rank):
+    if ctx.module is not None:
+        dim, sizes = ctx.module.dim, ctx.module.unflattened_size
+    else:
+        dim, sizes = ctx.value(ctx.arg(1, "dim")), ctx.symbolic(ctx.arg(2, "sizes"))
+    dim = _norm_dim(dim, rank)
+    sizes = list(sizes)
+    for k, (d, e) in enumerate(zip(local.dims, dims)):
+        if d == dim:  # the unflattened dim is spatial: one of its new sizes is the axis size
+            _check_spatial_size(local, k, sizes, e - dim)
 
 
 def _prod(xs):
@@ -679,11 +741,13 @@ def reduce(ctx: RuleContext) -> Local:
     if name == "norm":
         dim = ctx.arg(2, "dim", None)
     dim = ctx.value(dim)
-    if dim is None:
+    if dim is None or isinstance(dim, bool):  # torch.var(x, True): `unbiased`, all dims
         raise NotLocal(f"{name} over all dims, spatial axes included")
     dims = [_norm_dim(d, rank) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
     _require_non_spatial(ctx, local, dims, f"{name} reduces")
-    keepdim = ctx.value(ctx.arg(3 if name == "norm" else 2, "keepdim", False))
+    # torch.norm(x, p, dim, keepdim); torch.var/std(x, dim, unbiased, keepdim)
+    keepdim_index = 3 if name in ("norm", "var", "std") else 2
+    keepdim = ctx.value(ctx.arg(keepdim_index, "keepdim", False))
     if keepdim:
         return local
     return local.with_axes(local.axes, [d - sum(1 for r in dims if r < d) for d in local.dims])
@@ -707,12 +771,33 @@ def along_dim(ctx: RuleContext) -> Local:
     return local
 
 
-@rule(nn.Linear, F.linear, nn.Bilinear)
+@rule(nn.Linear, F.linear)
 def linear(ctx: RuleContext) -> Local:
     local = ctx.local()
     rank = _rank(ctx)
     _require_non_spatial(ctx, local, [rank - 1], "Linear mixes")
+    if ctx.module is None:
+        _check_constant_args(ctx, [1, 2], ["weight", "bias"])
     return local
+
+
+@rule(nn.Bilinear, F.bilinear)
+def bilinear(ctx: RuleContext) -> Local:
+    """Two inputs mixed along their last dim: a join of both, on the same grid."""
+    first, second = ctx.arg(0, "input1"), ctx.arg(1, "input2")
+    parts = []
+    for raw in (first, second):
+        g = ctx.geom(raw)
+        if not isinstance(g, Local):
+            raise NotLocal("Bilinear of an image tensor with a constant of fixed shape")
+        _require_non_spatial(ctx, g, [_rank(ctx, raw) - 1], "Bilinear mixes")
+        parts.append(g)
+    if ctx.module is None:
+        _check_constant_args(ctx, [2, 3], ["weight", "bias"])
+    a, b = parts
+    if a.dims != b.dims or any(x.stride != y.stride for x, y in zip(a.axes, b.axes)):
+        raise NotLocal("Bilinear of tensors on different grids")
+    return a.with_axes([hull([x, y]) for x, y in zip(a.axes, b.axes)])
 
 
 @rule(nn.LayerNorm, F.layer_norm, nn.RMSNorm, F.rms_norm)
@@ -781,6 +866,15 @@ def matmul(ctx: RuleContext) -> Local:
     _require_non_spatial(ctx, local, [contracted], "matmul contracts")
     if rank < 2 or len(ctx.out_shape) != rank:
         raise NotLocal("matmul with broadcasting over a spatial axis")
+    other = b if raw is a else a
+    shape = ctx.shape(other)
+    if shape is not None:  # batch dims of the constant align with the output's from the right
+        shift = rank - len(shape)
+        for k, d in enumerate(local.dims):
+            j = d - shift
+            if 0 <= j < len(shape) - 2 and shape[j] != 1:
+                raise NotLocal(f"matmul with '{other.name}', a tensor of fixed size {shape[j]} "
+                               f"along spatial axis {k}")
     return local
 
 
@@ -788,3 +882,72 @@ def matmul(ctx: RuleContext) -> Local:
 # listed so that the pass knows them.
 SHAPE_METHODS = ("size", "dim", "numel", "ndimension")
 SHAPE_ATTRS = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel shuffle (sub-pixel convolution)
+
+
+@rule(nn.PixelShuffle, F.pixel_shuffle)
+def pixel_shuffle(ctx: RuleContext) -> Local:
+    """Output ``(c, h*r + i, w*r + j)`` is input ``(c*r*r + i*r + j, h, w)``: nearest's grid."""
+    r = ctx.module.upscale_factor if ctx.module is not None else \
+        ctx.value(ctx.arg(1, "upscale_factor"))
+    return _window(ctx, ctx.local(), 2, lambda j, ax: nearest_axis(ax.size, int(r)))
+
+
+@rule(nn.PixelUnshuffle, F.pixel_unshuffle)
+def pixel_unshuffle(ctx: RuleContext) -> Local:
+    """Output ``(c*r*r + i*r + j, h, w)`` is input ``(c, h*r + i, w*r + j)``: an r x r/r window."""
+    r = ctx.module.downscale_factor if ctx.module is not None else \
+        ctx.value(ctx.arg(1, "downscale_factor"))
+    r = int(r)
+    return _window(ctx, ctx.local(), 2, lambda j, ax: conv_axis(ax.size, r, r, 0, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision.ops (optional): functions that torch.fx keeps as single calls (torch.fx.wrap)
+
+
+def _train_flag(ctx, index, name):
+    return bool(ctx.value(ctx.arg(index, name, True)))
+
+
+def stochastic_depth_rule(ctx: RuleContext) -> Local:
+    """``stochastic_depth(input, p, mode, training)``: the identity in eval mode or with p=0;
+    in training, ``input * noise`` with noise of shape ``(N, 1, ...)`` ("row") or ``(1, ...)``
+    ("batch"): a per-sample scale, so local (each tile draws its own noise, like dropout)."""
+    local = ctx.local()
+    if ctx.module is not None:
+        p, mode = ctx.module.p, ctx.module.mode
+    else:
+        p, mode = ctx.value(ctx.arg(1, "p")), ctx.value(ctx.arg(2, "mode"))
+    if mode not in ("row", "batch") or not isinstance(p, (int, float)):
+        raise NotLocal(f"stochastic_depth with mode={mode!r}, p={p!r} is not understood")
+    return local
+
+
+def drop_block_rule(ctx: RuleContext) -> Local:
+    """``drop_block2d/3d(input, p, block_size, inplace, eps, training)``: the identity in eval
+    mode or with p=0; in training it rescales by the kept fraction of the whole image."""
+    local = ctx.local()
+    if ctx.module is not None:
+        p, training = ctx.module.p, ctx.module.training
+    else:
+        p, training = ctx.value(ctx.arg(1, "p")), _train_flag(ctx, 5, "training")
+    if training and p != 0:
+        raise NotLocal("DropBlock in training mode rescales by the fraction of positions kept "
+                       "over the whole image; call model.eval() or set p=0")
+    return local
+
+
+try:
+    from torchvision.ops import StochasticDepth as _StochasticDepth
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    from torchvision.ops import DropBlock2d as _DropBlock2d, DropBlock3d as _DropBlock3d
+    from torchvision.ops import drop_block2d as _drop_block2d, drop_block3d as _drop_block3d
+except ImportError:  # torchvision is optional
+    pass
+else:
+    rule(_StochasticDepth, _stochastic_depth)(stochastic_depth_rule)
+    rule(_DropBlock2d, _DropBlock3d, _drop_block2d, _drop_block3d)(drop_block_rule)
