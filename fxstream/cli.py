@@ -127,10 +127,84 @@ def add_check(subparsers) -> None:
     p.set_defaults(run=cmd_check)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``fxstream bench``: time and peak memory of a training step, full image vs streamed."""
+    from rich.console import Console
+
+    from .bench import (BenchConfig, bench, check_config, check_plot_available, parse_budget,
+                        parse_variants, plot_bench, render_bench, to_json)
+    from .spec import parse_input, parse_tile
+
+    cfg = BenchConfig(
+        spec=args.spec, input_shapes=tuple(parse_input(s) for s in args.input),
+        variants=parse_variants(args.variants),
+        tile_size=parse_tile(args.tile) if args.tile is not None else None,
+        budget_bytes=parse_budget(args.budget) if args.budget is not None else None,
+        device=args.device, dtype=args.dtype, repeat=args.repeat, warmup=args.warmup,
+        split=args.split, leaf_modules=tuple(args.leaf), timeout=args.timeout, force=args.force)
+    check_config(cfg)
+    if args.plot:
+        check_plot_available()
+    err = Console(stderr=True, highlight=False)
+    result = bench(cfg, progress=None if args.quiet else
+                   (lambda msg: err.print(f"[dim]running {msg}[/dim]")))
+    if args.json:
+        sys.stdout.write(to_json(result) + "\n")
+    else:
+        render_bench(result, Console(highlight=False))
+    if args.plot:
+        plot_bench(result, args.plot)
+        err.print(f"plot written to {args.plot}")
+    return 0
+
+
+def add_bench(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time and peak memory of a training step: full image, streamed, checkpoint",
+        description="Run one training step (forward, sum loss, backward) of the model on a random "
+                    "image, each variant in a fresh process, the variants interleaved over "
+                    "--repeat rounds; report the median time, the peak memory (peak RSS on CPU, "
+                    "torch.cuda.max_memory_allocated on CUDA) and its baseline after building "
+                    "model and image, the ratios to the full image, and the time floor the tile "
+                    "plan's redundancy implies. BatchNorm is frozen (eval statistics). A "
+                    "full-image step estimated not to fit in available memory is not run.")
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--input", required=True, action="append", metavar="NxCxHxW",
+                   help="input shape, e.g. 1x3x4096x4096; repeat for several sizes (--plot)")
+    p.add_argument("--tile", metavar="SIZE",
+                   help="largest input tile of the streamed variant: 2048 or 2048x1024")
+    p.add_argument("--budget", metavar="BYTES",
+                   help="memory budget of the streamed variant (8GiB), instead of --tile; needs "
+                        "a fxstream.compile that takes memory_budget=")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", help="dtype of model and image (float32)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per variant, each in a fresh process (default 3)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed steps before the timed one, in the same process (default 0); "
+                        "1 leaves out first-call costs (oneDNN/cuDNN set-up per tile shape), "
+                        "which dominate on small images")
+    p.add_argument("--variants", default="full,streamed,checkpoint",
+                   help="comma-separated subset of full,streamed,checkpoint (default all)")
+    p.add_argument("--split", metavar="NAME", help="stream only up to this node or module")
+    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
+                   help="keep this submodule as one call when tracing (repeatable)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up on a run after this long (default: no limit)")
+    p.add_argument("--force", action="store_true",
+                   help="run the full image even when it is estimated not to fit")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw peak memory and time against image size (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=cmd_bench)
+
+
 # name -> function that registers the subcommand's parser (and sets ``run``)
 COMMANDS = {
     "analyze": add_analyze,
     "check": add_check,
+    "bench": add_bench,
 }
 
 

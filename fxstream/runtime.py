@@ -8,6 +8,7 @@ gradients are summed over tiles and returned once (so DDP's hooks fire once).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +20,28 @@ from .errors import UnsupportedError
 from .plan import TilePlan
 
 log = logging.getLogger(__name__)
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``: gives freed heap pages back to the OS (None elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_host_memory(device) -> None:
+    """After a tile on the CPU: without this, glibc keeps the freed tile activations in its heap
+    and fragmentation across tiles of different shapes raised peak RSS by ~50% in our
+    measurements (resnet18, 2048x2048, tile 1024: 2.08 GiB vs 1.36 GiB)."""
+    if device.type == "cpu" and _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass(frozen=True)
@@ -151,6 +174,8 @@ class StreamEngine(nn.Module):
                 if outs[b] is None:
                     outs[b] = _allocate(y, self.boundary_dims[b], plan.sizes[b], device)
                 outs[b][where[0]] = y[where[1]]
+            del ys, xt
+            release_host_memory(device)
         return tuple(outs)
 
     def forward(self, x):
@@ -230,4 +255,6 @@ class StreamFunction(torch.autograd.Function):
             for i, g in enumerate(got):
                 if g is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            del ys, outs, gouts, got, xt
+            release_host_memory(device)
         return (None, None, gx, *param_grads)

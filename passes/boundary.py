@@ -108,6 +108,13 @@ def _with_shape_values(nodes, geometry, local):
             derivable.add(node.name)
     stem = set(local)
     for node in reversed(nodes):
-        if node.name in derivable and node.users and all(u.name in stem for u in node.users):
+        # a shape value joins the stem if every user is in the stem or is a constant-valued
+        # check on shapes (timm's ``_assert(x.ndim == 4, ...)``), which needs no tile at all
+        if node.name in derivable and all(u.name in stem or _is_shape_check(u, geometry)
+                                          for u in node.users):
             stem.add(node.name)
     return stem
+
+
+def _is_shape_check(node, geometry) -> bool:
+    return not node.users and type(geometry[node.name]).__name__ == "Constant"

@@ -42,7 +42,8 @@ def source_line(node: fx.Node) -> str:
 
 def _is_torch_internal(path: str) -> bool:
     path = path.replace("\\", "/")
-    return "/torch/fx/" in path or "/torch/nn/modules/module.py" in path
+    return ("/torch/fx/" in path or "/torch/nn/modules/module.py" in path
+            or "/torch/overrides.py" in path or path.endswith("/torch/nn/functional.py"))
 
 
 def target_name(node: fx.Node, module=None) -> str:

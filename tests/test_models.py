@@ -237,8 +237,7 @@ def test_timm_efficientnet_b0_stem_ends_at_the_first_squeeze_excitation():
 
 
 @needs_timm
-@pytest.mark.xfail(strict=True, reason="BatchNormAct2d's `_assert(x.ndim == 4)` reads the shape of "
-                   "the conv before it; find_boundary makes that conv a boundary tensor because "
-                   "the shape query's user (_assert) is not in the stem")
 def test_timm_efficientnet_b0_has_one_boundary_tensor():
+    """BatchNormAct2d's ``_assert(x.ndim == 4)`` reads the conv's shape; that must not make the
+    conv a boundary tensor."""
     assert _timm("efficientnet_b0").boundary == ("blocks_0_0_aa",)
