@@ -252,14 +252,14 @@ def _row(gm, node) -> NodeRow:
 # plans
 
 
-def boundary_geometry(analysis: Analysis, input_shape) -> list[list[AxisGeometry]]:
+def boundary_geometry(analysis: Analysis, input_shape, names=None) -> list[list[AxisGeometry]]:
     """Per axis, the plain-number geometry of each boundary tensor at this input size."""
     gm = analysis.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
     symbols = passes.input_symbols(len(input_shape) - 2)
     values = dict(zip(symbols, input_shape[2:]))
     per_axis = [[] for _ in symbols]
-    for name in analysis.boundary:
+    for name in analysis.boundary if names is None else names:
         g = nodes[name].meta[GEOMETRY]
         for k, ax in enumerate(g.axes):
             size = int(ax.size.subs(values))
@@ -272,11 +272,13 @@ def _frac(x) -> Fraction:
     return Fraction(int(n), int(d))
 
 
-def make_plan(analysis: Analysis, input_shape, tile_size) -> TilePlan:
-    """The :class:`TilePlan` for one input shape (plain integers from the symbolic geometry)."""
+def make_plan(analysis: Analysis, input_shape, tile_size, names=None) -> TilePlan:
+    """The :class:`TilePlan` for one input shape (plain integers from the symbolic geometry).
+
+    ``names`` orders the boundary tensors (default: ``analysis.boundary``)."""
     sizes = tuple(input_shape[2:])
     _check_stem_sizes(analysis, input_shape)
-    geos = boundary_geometry(analysis, input_shape)
+    geos = boundary_geometry(analysis, input_shape, names)
     return plan_tiles(sizes, analysis.alignment, geos, tile_size)
 
 

@@ -67,12 +67,14 @@ def _loss(outputs, weights):
 
 
 def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: float = 1e-10,
-          split=None, leaf_modules=(), seed: int = 0, device="cpu") -> CheckResult:
+          split=None, leaf_modules=(), seed: int = 0, device="cpu", cuts=None,
+          memory_budget=None) -> CheckResult:
     """Run full-image and streamed forward+backward with a random linear loss; compare.
 
     The model is deep-copied and cast to ``dtype`` (the caller's model is left alone); both runs
     use the same weights, image and loss. Returns a :class:`CheckResult` with one row for the
-    output(s), one for the image gradient and one per parameter gradient.
+    output(s), one for the image gradient and one per parameter gradient. ``cuts`` and
+    ``memory_budget`` are passed to :func:`fxstream.compile` (multi-cut plans).
 
     Example:
         >>> import torch.nn as nn, fxstream.check as fc
@@ -84,7 +86,7 @@ def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: fl
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tuple(input_shape), generator=gen, dtype=dtype).to(device)
     sm = compile_model(model, tile_size=tile_size, split=split, leaf_modules=leaf_modules,
-                       input_shape=tuple(input_shape))
+                       input_shape=tuple(input_shape), cuts=cuts, memory_budget=memory_budget)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def run(fn):

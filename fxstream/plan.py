@@ -79,26 +79,49 @@ def _owned(c0, c1, geo: AxisGeometry, last: bool):
     return min(g0, geo.size), max(min(g0, geo.size), g1)
 
 
-def plan_axis(size: int, align: int, geos: list[AxisGeometry], step: int | None,
-              tile_length=None) -> AxisPlan:
+def _span(size, align, geos, c0, c1, last) -> Span | None:
+    """The tile owning ``[c0, c1)`` of the image (``last``: and everything after)."""
+    outputs = tuple(_owned(c0, c1, g, last) for g in geos)
+    if all(g0 == g1 for g0, g1 in outputs):
+        return None
+    starts = [g0 * g.stride + g.lo for (g0, g1), g in zip(outputs, geos) if g1 > g0]
+    stops = [(g1 - 1) * g.stride + g.hi + 1 for (g0, g1), g in zip(outputs, geos) if g1 > g0]
+    start = max(0, math.floor(min(starts)) // align * align)
+    stop = min(size, math.ceil(max(stops)))
+    stop = stop + (size - stop) % align  # tile length congruent to the image size
+    local = []
+    for (g0, g1), g in zip(outputs, geos):
+        offset = Fraction(start) / g.stride
+        if offset.denominator != 1:
+            raise PlanError(f"internal: tile start {start} is off the grid of stride {g.stride}")
+        local.append((g0 - int(offset), g1 - int(offset)))
+    return Span(start, stop, outputs, tuple(local))
+
+
+def _cuts(size, step):
+    return [0, size] if step is None or step >= size else list(range(0, size, step)) + [size]
+
+
+def plan_axis(size: int, align: int, geos: list[AxisGeometry], step: int | None) -> AxisPlan:
     """Plan one axis with owner ranges of ``step`` pixels (None: one tile)."""
-    cuts = [0, size] if step is None or step >= size else list(range(0, size, step)) + [size]
-    spans = []
-    for t in range(len(cuts) - 1):
-        c0, c1 = cuts[t], cuts[t + 1]
-        last = t == len(cuts) - 2
-        outputs = tuple(_owned(c0, c1, g, last) for g in geos)
-        if all(g0 == g1 for g0, g1 in outputs):
-            continue
-        starts = [g0 * g.stride + g.lo for (g0, g1), g in zip(outputs, geos) if g1 > g0]
-        stops = [(g1 - 1) * g.stride + g.hi + 1 for (g0, g1), g in zip(outputs, geos) if g1 > g0]
-        start = max(0, math.floor(min(starts)) // align * align)
-        stop = min(size, math.ceil(max(stops)))
-        stop = stop + (size - stop) % align  # tile length congruent to the image size
-        local = tuple((g0 - int(start / g.stride), g1 - int(start / g.stride))
-                      for (g0, g1), g in zip(outputs, geos))
-        spans.append(Span(start, stop, outputs, local))
-    return AxisPlan(size, align, tuple(spans))
+    cuts = _cuts(size, step)
+    spans = [_span(size, align, geos, cuts[t], cuts[t + 1], t == len(cuts) - 2)
+             for t in range(len(cuts) - 1)]
+    return AxisPlan(size, align, tuple(s for s in spans if s is not None))
+
+
+def _max_length(size, align, geos, step) -> int:
+    """``plan_axis(...).max_length`` without building every span: interior tiles are
+    translates of each other (steps are multiples of the alignment), so the first two, a middle
+    one and the last two cover every distinct length."""
+    cuts = _cuts(size, step)
+    n = len(cuts) - 1
+    lengths = [0]
+    for t in sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))):
+        span = _span(size, align, geos, cuts[t], cuts[t + 1], t == n - 1)
+        if span is not None:
+            lengths.append(span.length)
+    return max(lengths)
 
 
 def plan_tiles(sizes, align, geos_per_axis, tile_size) -> TilePlan:
@@ -135,23 +158,22 @@ def plan_tiles(sizes, align, geos_per_axis, tile_size) -> TilePlan:
 
 def smallest_tile(sizes, align, geos_per_axis) -> tuple[int, ...]:
     """Per axis, the smallest legal ``tile_size``: one alignment step of outputs per tile."""
-    return tuple(plan_axis(sizes[k], align[k], geos_per_axis[k], align[k]).max_length
+    return tuple(_max_length(sizes[k], align[k], geos_per_axis[k], align[k])
                  for k in range(len(sizes)))
 
 
 def _plan_one_axis(k, size, align, geos, tile):
-    whole = plan_axis(size, align, geos, None)
-    if tile is None or whole.max_length <= tile:
-        return whole
-    smallest = plan_axis(size, align, geos, align)
-    if smallest.max_length > tile:
+    if tile is None or _max_length(size, align, geos, None) <= tile:
+        return plan_axis(size, align, geos, None)
+    smallest = _max_length(size, align, geos, align)
+    if smallest > tile:
         raise PlanError(f"tile_size {tile} is too small on axis {k}: the smallest legal tile "
-                        f"for this model is {smallest.max_length} (receptive field plus "
-                        f"alignment {align}); use tile_size >= {smallest.max_length}")
+                        f"for this model is {smallest} (receptive field plus alignment "
+                        f"{align}); use tile_size >= {smallest}")
     lo, hi = 1, -(-size // align)  # steps in units of align
     while lo < hi:  # largest step whose tiles fit
         mid = (lo + hi + 1) // 2
-        if plan_axis(size, align, geos, mid * align).max_length <= tile:
+        if _max_length(size, align, geos, mid * align) <= tile:
             lo = mid
         else:
             hi = mid - 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 
+import networkx as nx
 import torch.fx as fx
 
 import passes
@@ -21,14 +22,14 @@ def _image(graph: fx.Graph) -> fx.Node:
     return next(n for n in graph.nodes if n.op == "placeholder")
 
 
-def _needed_constants(graph, stem_names) -> set[str]:
+def _needed_constants(graph, stem_names, source) -> set[str]:
     """Constant nodes (parameters, literals' tensors) that stem nodes read, transitively."""
     needed: set[str] = set()
     stack = [n for n in graph.nodes if n.name in stem_names]
     while stack:
         node = stack.pop()
         for inp in node.all_input_nodes:
-            if inp.name in stem_names or inp.name in needed or inp.op == "placeholder":
+            if inp.name in stem_names or inp.name in needed or inp.name == source:
                 continue
             if inp.meta.get(ROLE) != "constant":
                 raise UnsupportedError(f"stem node '{node.name}' reads '{inp.name}', which is "
@@ -38,22 +39,44 @@ def _needed_constants(graph, stem_names) -> set[str]:
     return needed
 
 
-def build_stem_graph(graph: fx.Graph, boundary: passes.Boundary) -> fx.Graph:
-    """A graph ``image -> tuple(boundary tensors)`` holding the stem and the constants it reads."""
-    stem = set(boundary.stem)
-    keep = stem | _needed_constants(graph, stem)
-    image = _image(graph)
+def build_segment_graph(graph: fx.Graph, source: str, names, outputs) -> fx.Graph:
+    """A graph ``source -> tuple(outputs)`` over the nodes ``names`` and the constants they read.
+
+    ``source`` is the image for a plain stem, or the cut tensor a multi-cut segment starts from.
+    """
+    by_name = {n.name: n for n in graph.nodes}
+    keep = (set(names) | _needed_constants(graph, set(names), source)) - {source}
     g = fx.Graph()
-    env = {image: g.placeholder(image.name)}
+    env = {by_name[source]: g.placeholder(source)}
     for node in graph.nodes:
-        if node.name in keep and node is not image:
+        if node.name in keep:
             if node.op == "placeholder":
                 raise UnsupportedError(f"the stem reads the extra input '{node.name}'; only the "
                                        "image (first argument) may feed the stem")
             env[node] = g.node_copy(node, lambda n: env[n])
-    by_name = {n.name: n for n in graph.nodes}
-    g.output(tuple(env[by_name[name]] for name in boundary.tensors))
+    g.output(tuple(env[by_name[name]] for name in outputs))
     return g
+
+
+def build_stem_graph(graph: fx.Graph, boundary: passes.Boundary) -> fx.Graph:
+    """A graph ``image -> tuple(boundary tensors)`` holding the stem and the constants it reads."""
+    return build_segment_graph(graph, _image(graph).name, boundary.stem, boundary.tensors)
+
+
+def split_stem(graph: fx.Graph, boundary: passes.Boundary, cuts) -> list[tuple]:
+    """Segments ``(source, node names, outputs)`` of the stem cut after each node of ``cuts``."""
+    stem = [n.name for n in graph.nodes if n.name in set(boundary.stem)]
+    dg = passes.data_graph(graph)
+    segments, done, source = [], set(), _image(graph).name
+    for cut in cuts:
+        before = (nx.ancestors(dg, cut) | {cut}) & set(stem)
+        names = [n for n in stem if n in before and n not in done and n != source]
+        segments.append((source, names, (cut,)))
+        done |= before
+        source = cut
+    names = [n for n in stem if n not in done and n != source]
+    segments.append((source, names, tuple(boundary.tensors)))
+    return segments
 
 
 def build_head_graph(graph: fx.Graph, boundary: passes.Boundary) -> fx.Graph:

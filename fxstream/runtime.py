@@ -258,3 +258,22 @@ class StreamFunction(torch.autograd.Function):
             del ys, outs, gouts, got, xt
             release_host_memory(device)
         return (None, None, gx, *param_grads)
+
+
+class ChainEngine(nn.Module):
+    """A multi-cut stem: segment engines applied in turn, each on the stored map of the one
+    before. Autograd chains their Functions, so the backward streams the segments in reverse."""
+
+    def __init__(self, engines, cuts):
+        super().__init__()
+        self.segments = nn.ModuleList(engines)
+        self.cuts = tuple(cuts)
+
+    def forward(self, x):
+        for engine in self.segments[:-1]:
+            (x,) = engine(x)
+        return self.segments[-1](x)
+
+    def exec_plan(self, x):
+        """The first segment's plan (the one that reads the image)."""
+        return self.segments[0].exec_plan(x)

@@ -12,13 +12,14 @@ import passes
 from passes import GEOMETRY, Local, NonLocal
 
 from .analysis import Analysis, analyze, make_plan
-from .errors import UnsupportedError
-from .rewrite import ENGINE, build_head_graph, build_stem_graph
-from .runtime import StreamEngine
+from .errors import SplitError, UnsupportedError
+from .rewrite import ENGINE, build_head_graph, build_segment_graph, split_stem
+from .runtime import ChainEngine, StreamEngine
 from .tracing import trace
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 PROBE_SIZE = 1024
+_DEFAULT_TILE = object()  # tells "tile_size left at its default" from an explicit 2048
 
 
 class StreamingModule(fx.GraphModule):
@@ -61,8 +62,8 @@ def _resolve(model, target: str):
     return obj
 
 
-def compile(model: nn.Module, tile_size=2048, split: str | None = None, leaf_modules=(),
-            input_shape=None) -> StreamingModule:
+def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
+            leaf_modules=(), input_shape=None, cuts=None, memory_budget=None) -> StreamingModule:
     """Compile ``model`` into a :class:`StreamingModule` that streams its local stem.
 
     Args:
@@ -73,6 +74,12 @@ def compile(model: nn.Module, tile_size=2048, split: str | None = None, leaf_mod
         leaf_modules: module classes or qualnames to keep as single calls when tracing.
         input_shape: an example ``(N, C, *spatial)``; by default the channels are read from the
             first layer and a 1024-pixel probe is used. Plans are made per input shape anyway.
+        cuts: node names or module qualnames (``["layer1", "layer2"]``) after which the stem is
+            cut: each segment is streamed on the stored full output of the one before, so the
+            tiles' overlap nearly vanishes at the price of storing those maps (a multi-cut plan).
+        memory_budget: bytes or a string like ``"8GiB"``: choose the cuts and tile size that
+            minimise the estimated work under this peak memory (``input_shape`` should then be
+            the real one). An explicit ``tile_size`` or ``cuts`` is kept.
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
 
@@ -84,33 +91,84 @@ def compile(model: nn.Module, tile_size=2048, split: str | None = None, leaf_mod
         >>> torch.allclose(sm(x), net(x), atol=1e-6)
         True
     """
+    tile_given = tile_size is not _DEFAULT_TILE
+    tile_size = 2048 if tile_size is _DEFAULT_TILE else tile_size
     if input_shape is None:
         input_shape = _probe_shape(model, leaf_modules)
     analysis = analyze(model, input_shape, split=split, leaf_modules=leaf_modules)
     _check_streamable(analysis)
     gm = analysis.graph_module
-    boundary = passes.Boundary(
-        stem=tuple(n.name for n in gm.graph.nodes if n.meta.get(passes.ROLE) in ("stem",
-                                                                                    "boundary")),
-        tensors=analysis.boundary, split=split)
-    stem = fx.GraphModule(gm, build_stem_graph(gm.graph, boundary), "Stem")
+    boundary = stem_boundary(analysis)
+    if memory_budget is not None:
+        from .budget import choose_plan
+
+        choice = choose_plan(analysis, input_shape, memory_budget,
+                             tile_size=tile_size if tile_given else None, cuts=cuts)
+        cuts, tile_size = choice.cuts, choice.tile_size
+    cut_names = resolve_cuts(analysis, cuts or ())
+    segments = split_stem(gm.graph, boundary, cut_names)
+    engines = []
+    for source, names, outputs in segments:
+        graph = build_segment_graph(gm.graph, source, names, outputs)
+        stem = fx.GraphModule(gm, graph, "Stem")
+        if len(segments) == 1:
+            seg_analysis, order = analysis, outputs
+        else:  # each segment's geometry relative to the stored map it starts from
+            shape = passes.concrete_shape({n.name: n for n in gm.graph.nodes}[source])
+            seg_analysis = analyze(stem, shape, leaf_modules=leaf_modules)
+            out = next(n for n in seg_analysis.graph_module.graph.nodes if n.op == "output")
+            order = tuple(a.name for a in out.args[0])
+        engines.append(_engine(stem, seg_analysis, order, tile_size))
+    engine = engines[0] if len(engines) == 1 else ChainEngine(engines, cut_names)
     head = build_head_graph(gm.graph, boundary)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    dims = [nodes[b].meta[GEOMETRY].dims for b in analysis.boundary]
-    ranks = [len(passes.concrete_shape(nodes[b]) or ()) for b in analysis.boundary]
+    return StreamingModule(model, head, engine, analysis)
+
+
+def stem_boundary(analysis: Analysis) -> passes.Boundary:
+    gm = analysis.graph_module
+    stem = tuple(n.name for n in gm.graph.nodes
+                 if n.meta.get(passes.ROLE) in ("stem", "boundary"))
+    return passes.Boundary(stem=stem, tensors=analysis.boundary, split=analysis.split)
+
+
+def resolve_cuts(analysis: Analysis, cuts) -> tuple[str, ...]:
+    """Node names or module qualnames -> valid cut nodes in topological order."""
+    gm = analysis.graph_module
+    if isinstance(cuts, str):
+        cuts = (cuts,)
+    valid = passes.cut_candidates(gm.graph, stem_boundary(analysis))
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    names = []
+    for cut in cuts:
+        try:
+            node = passes.resolve_split(gm.graph, cut)
+        except passes.SplitError as e:
+            raise SplitError(f"cuts: {e}") from e
+        if node.name not in valid:
+            raise SplitError(
+                f"cannot cut the stem at {cut!r} (node '{node.name}'): a cut must be a single "
+                "stem tensor that every later stem node reaches only through it. Valid cuts: "
+                f"{', '.join(valid[:12])}{' ...' if len(valid) > 12 else ''}")
+        names.append(node.name)
+    return tuple(sorted(set(names), key=order.__getitem__))
+
+
+def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size) -> StreamEngine:
+    """A :class:`StreamEngine` over one segment, planned from that segment's own geometry."""
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    dims = [nodes[b].meta[GEOMETRY].dims for b in outputs]
+    ranks = [len(passes.concrete_shape(nodes[b]) or ()) for b in outputs]
     if any(r == 0 for r in ranks):
-        raise UnsupportedError("a boundary value is not a single tensor: "
-                               f"{analysis.boundary}")
+        raise UnsupportedError(f"a boundary value is not a single tensor: {tuple(outputs)}")
     batchnorms = [(name, m) for name, m in stem.named_modules() if isinstance(m, _BATCHNORM)]
-    n_spatial = len(input_shape) - 2
+    input_shape = analysis.input_shape
 
     def planner(shape):
-        return make_plan(analysis, shape, tile_size)
+        return make_plan(analysis, shape, tile_size, names=outputs)
 
-    engine = StreamEngine(stem, planner, dims, ranks, analysis.boundary, batchnorms,
-                          input_shape[1], n_spatial)
     planner(tuple(input_shape))  # fail early on a bad tile_size
-    return StreamingModule(model, head, engine, analysis)
+    return StreamEngine(stem, planner, dims, ranks, tuple(outputs), batchnorms,
+                        input_shape[1], len(input_shape) - 2)
 
 
 def _probe_shape(model, leaf_modules):

@@ -4,6 +4,7 @@ Passes read and write ``node.meta`` of a ``torch.fx`` graph and never import ``f
 """
 from .boundary import ROLE, Boundary, SplitError, data_graph, find_boundary, resolve_split
 from .context import concrete_shape
+from .cuts import cut_candidates
 from .geometry import (GEOMETRY, Axis, Constant, Local, NonLocal, Symbolic, input_symbols,
                        is_tile_invariant)
 from .infer import infer_geometry, symbolic_shape
@@ -13,7 +14,7 @@ from .shapes import ShapePropagationError, propagate_shapes
 
 __all__ = [
     "GEOMETRY", "ROLE", "RULES", "Axis", "Boundary", "Constant", "Local", "NonLocal",
-    "ShapePropagationError", "SplitError", "Symbolic", "concrete_shape", "data_graph", "find_boundary", "infer_geometry", "input_symbols",
+    "ShapePropagationError", "SplitError", "Symbolic", "concrete_shape", "cut_candidates", "data_graph", "find_boundary", "infer_geometry", "input_symbols",
     "is_tile_invariant", "lookup", "module_path", "propagate_shapes", "qualname",
     "resolve_split", "source_line", "symbolic_shape", "target_name",
 ]

@@ -169,8 +169,8 @@ def test_broken_plan_is_caught(monkeypatch):
 
     real = plan_mod.plan_axis
 
-    def shifted(size, align, geos, step, tile_length=None):
-        p = real(size, align, geos, step, tile_length)
+    def shifted(size, align, geos, step):
+        p = real(size, align, geos, step)
         spans = []
         for s in p.spans:
             if s.start == 0:

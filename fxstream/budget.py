@@ -1,0 +1,232 @@
+"""Choosing cuts and a tile size under a memory budget (DESIGN section 5).
+
+Candidates are the stem's valid cut points, thinned to the first and last of each stride
+level (stage entries and exits). For every subset of them and every tile size, a segment's cost
+comes from the geometry alone: its work is the MACs of its layers times the redundancy of its
+tile plan on its own input map; its memory is one tile's activations and gradients plus the
+gradients of its input and output maps; every cut stores its full map. The plan with the least
+work whose estimated peak fits the budget wins (ties: fewer cuts, larger tiles).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import passes
+from passes import GEOMETRY, ROLE, Local
+
+from .errors import PlanError
+from .plan import AxisGeometry
+
+TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+MAX_CANDIDATES = 10
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_bytes(value) -> int:
+    """``8GiB``, ``512MB``, ``1.5g`` or a number of bytes -> int bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise PlanError(f"memory budget {value!r}: expected a size like 8GiB, 512MiB or 2e9")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def current_rss() -> int:
+    """This process's resident memory, rounded up to 256 MiB (so estimates are stable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        rss = pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        rss = 2**30
+    step = 256 * 2**20
+    return -(-rss // step) * step
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The chosen multi-cut plan and what the estimates say it costs."""
+
+    budget: int
+    cuts: tuple[str, ...]
+    tile_size: int
+    estimated_peak: int
+    stored_bytes: int
+    work_ratio: float  # estimated stem work / full-image stem work (forward + backward)
+    segment_redundancy: tuple[float, ...]
+    baseline: int
+
+
+@dataclass
+class _Node:
+    name: str
+    bytes: int
+    cost: int
+    stride: tuple
+    lo: tuple
+    hi: tuple
+    sizes: tuple
+
+
+def _nodes(analysis) -> dict[str, _Node]:
+    gm = analysis.graph_module
+    itemsize = 2 if "16" in analysis.dtype else 8 if "64" in analysis.dtype else 4
+    out = {}
+    for node in gm.graph.nodes:
+        g = node.meta.get(GEOMETRY)
+        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
+            continue
+        shape = passes.concrete_shape(node)
+        if shape is None:
+            continue
+        numel = math.prod(shape)
+        cost = numel
+        if node.op == "call_module":
+            w = getattr(gm.get_submodule(node.target), "weight", None)
+            if w is not None and w.dim() >= 2:
+                cost = numel * math.prod(w.shape[1:])
+        out[node.name] = _Node(node.name, numel * itemsize, cost,
+                               tuple(_f(a.stride) for a in g.axes), tuple(_f(a.lo) for a in g.axes),
+                               tuple(_f(a.hi) for a in g.axes),
+                               tuple(shape[d] for d in g.dims))
+    return out
+
+
+def _f(x) -> Fraction:
+    import sympy
+
+    n, d = sympy.fraction(sympy.Rational(x))
+    return Fraction(int(n), int(d))
+
+
+def _thin(candidates, nodes) -> list[str]:
+    """First and last candidate of each stride level, at most MAX_CANDIDATES."""
+    by_stride = {}
+    for c in candidates:
+        by_stride.setdefault(nodes[c].stride, []).append(c)
+    keep = []
+    for group in by_stride.values():
+        keep += [group[0]] if len(group) == 1 else [group[0], group[-1]]
+    order = {c: i for i, c in enumerate(candidates)}
+    keep = sorted(set(keep), key=order.__getitem__)
+    while len(keep) > MAX_CANDIDATES:  # drop the largest maps first: they are the costly cuts
+        keep.remove(max(keep[:-1], key=lambda c: nodes[c].bytes))
+    return keep
+
+
+def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
+                baseline: int | None = None) -> PlanChoice:
+    """Cuts and tile size with the least estimated work under ``budget`` (see module doc).
+
+    ``tile_size``/``cuts`` fix that part of the plan. Raises :class:`PlanError` when nothing fits.
+    """
+    from .streaming import resolve_cuts, stem_boundary
+
+    budget = parse_bytes(budget)
+    baseline = current_rss() if baseline is None else baseline
+    nodes = _nodes(analysis)
+    gm = analysis.graph_module
+    boundary = stem_boundary(analysis)
+    dg = passes.data_graph(gm.graph)
+    stem = [n for n in boundary.stem if n in nodes]
+    before = {}
+
+    def ancestors(c):
+        if c not in before:
+            import networkx as nx
+
+            before[c] = (nx.ancestors(dg, c) | {c}) & set(stem)
+        return before[c]
+
+    if cuts is not None:
+        subsets = [resolve_cuts(analysis, cuts)]
+    else:
+        cands = _thin(list(passes.cut_candidates(gm.graph, boundary)), nodes)
+        subsets = [c for r in range(len(cands) + 1) for c in itertools.combinations(cands, r)]
+    tiles = [tile_size] if tile_size is not None else [
+        t for t in TILE_OPTIONS if t <= 2 * max(input_shape[2:])] or [TILE_OPTIONS[0]]
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder").name
+    fixed = baseline + 3 * sum(p.numel() * p.element_size() for p in gm.parameters()) \
+        + nodes[image].bytes + sum(nodes[b].bytes for b in boundary.tensors)
+    full_work = sum(n.cost for n in nodes.values())
+    seg_cache = {}
+
+    def segment(src, dst, tile):
+        key = (src, dst, tile)
+        if key not in seg_cache:
+            seg_cache[key] = _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary,
+                                           image)
+        return seg_cache[key]
+
+    best = None
+    smallest_peak = None
+    for subset in subsets:
+        for tile in tiles:
+            points = [image, *subset]
+            ends = [*subset, None]
+            costs = [segment(s, e, tile) for s, e in zip(points, ends)]
+            if any(c is None for c in costs):
+                continue
+            stored = sum(nodes[c].bytes for c in subset)
+            peak = fixed + stored + max(c[1] for c in costs)
+            work = sum(c[0] for c in costs)
+            smallest_peak = peak if smallest_peak is None else min(smallest_peak, peak)
+            if peak > budget:
+                continue
+            key = (work, len(subset), -tile)
+            if best is None or key < best[0]:
+                best = (key, subset, tile, peak, stored, tuple(c[2] for c in costs))
+    if best is None:
+        need = f"; the smallest estimated peak is {smallest_peak / 2**30:.2f} GiB" \
+            if smallest_peak else ""
+        raise PlanError(f"no plan fits a memory budget of {budget / 2**30:.2f} GiB for input "
+                        f"{tuple(input_shape)} (process baseline {baseline / 2**30:.2f} GiB "
+                        f"included){need}")
+    (work, _, _), subset, tile, peak, stored, red = best
+    return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=tile, estimated_peak=peak,
+                      stored_bytes=stored, work_ratio=round(work / full_work, 3),
+                      segment_redundancy=tuple(round(r, 3) for r in red), baseline=baseline)
+
+
+def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
+    """(work, transient peak bytes, redundancy) of streaming src -> dst, or None if no plan."""
+    done = ancestors(src) if src != image else {image}
+    names = ancestors(dst) - done if dst is not None else set(stem) - done
+    outs = [dst] if dst is not None else list(boundary.tensors)
+    s = nodes[src]
+    red, frac = 1.0, 1.0
+    for k, size in enumerate(s.sizes):
+        geos = [AxisGeometry(nodes[o].stride[k] / s.stride[k],
+                             (nodes[o].lo[k] - s.lo[k]) / s.stride[k],
+                             (nodes[o].hi[k] - s.hi[k]) / s.stride[k],
+                             nodes[o].sizes[k]) for o in outs]
+        align = 1
+        for n in names:
+            align = math.lcm(align, (nodes[n].stride[k] / s.stride[k]).numerator)
+        try:
+            plan = _fit(size, align, geos, tile)
+        except PlanError:
+            return None
+        red *= sum(sp.length for sp in plan.spans) / size
+        frac *= min(plan.max_length, size) / size
+    work = red * sum(nodes[n].cost for n in names)
+    tile_mem = 2 * frac * sum(nodes[n].bytes for n in names)
+    grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
+    return work, tile_mem + grads, red
+
+
+def _fit(size, align, geos, tile):
+    from .plan import _plan_one_axis
+
+    return _plan_one_axis(0, size, align, geos, tile)
+
+
+__all__ = ["PlanChoice", "choose_plan", "current_rss", "parse_bytes"]

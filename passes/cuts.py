@@ -1,0 +1,45 @@
+"""Cut points of a stem: single tensors that every stem path goes through.
+
+A multi-cut plan stores the full map of each cut and streams the segment between two cuts on
+the stored map of the first (DESIGN section 5). A node ``c`` is a valid cut when nothing before
+it is read after it: no edge leaves ``ancestors(c)`` except through ``c``, no boundary tensor
+lies strictly before it, and its spatial axes sit in the standard dims ``(2, 3, ...)`` so that
+the next segment can treat it as an image.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch.fx as fx
+
+from .boundary import Boundary
+from .geometry import GEOMETRY, Local
+
+
+def cut_candidates(graph: fx.Graph, boundary: Boundary) -> tuple[str, ...]:
+    """Valid cut nodes of the stem, in topological order (the boundary itself excluded)."""
+    stem = set(boundary.stem)
+    nodes = [n for n in graph.nodes if n.name in stem]
+    g = nx.DiGraph()
+    for n in nodes:
+        g.add_node(n.name)
+        for i in n.all_input_nodes:
+            if i.name in stem:
+                g.add_edge(i.name, n.name)
+    image = next(n for n in graph.nodes if n.op == "placeholder").name
+    boundary_set = set(boundary.tensors)
+    out = []
+    for n in nodes:
+        geo = n.meta.get(GEOMETRY)
+        if n.op == "placeholder" or n.name in boundary_set or not isinstance(geo, Local):
+            continue
+        if tuple(geo.dims) != tuple(range(2, 2 + len(geo.axes))):
+            continue
+        before = nx.ancestors(g, n.name) | {n.name}
+        if image not in before:
+            continue
+        if any(b in before for b in boundary_set):
+            continue
+        crossing = any(v not in before for u in before - {n.name} for v in g.successors(u))
+        if not crossing:
+            out.append(n.name)
+    return tuple(out)
