@@ -71,6 +71,7 @@ class Analysis:
     alignment: tuple[int, ...]
     split: str | None = None
     plan: PlanSummary | None = None
+    budget_plan: object | None = None  # a fxstream.budget.PlanChoice when a budget was given
     graph_module: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -104,7 +105,8 @@ def _jsonable(x):
 
 
 def analyze(model: nn.Module, input_shape, tile_size=None, split: str | None = None,
-            leaf_modules=(), dtype: torch.dtype | None = None) -> Analysis:
+            leaf_modules=(), dtype: torch.dtype | None = None, memory_budget=None,
+            cuts=None) -> Analysis:
     """Trace ``model``, derive every node's geometry, find the stem/head boundary.
 
     Args:
@@ -114,6 +116,10 @@ def analyze(model: nn.Module, input_shape, tile_size=None, split: str | None = N
         split: a node name or module qualname whose output becomes the boundary.
         leaf_modules: module classes or qualnames to keep as single calls when tracing.
         dtype: dtype of the image (default: the model's parameter dtype).
+        memory_budget: bytes or ``"8GiB"``: choose cuts and tile size as
+            ``fxstream.compile(memory_budget=...)`` would, and report them (``budget_plan``);
+            ``tile_size``/``cuts`` then fix that part of the choice.
+        cuts: with ``memory_budget``, fixed cut points.
     Returns:
         an :class:`Analysis`.
 
@@ -143,7 +149,17 @@ def analyze(model: nn.Module, input_shape, tile_size=None, split: str | None = N
         symbols=tuple(str(s) for s in symbols), rows=rows, boundary=boundary.tensors,
         alignment=alignment, split=split, graph_module=gm,
     )
-    # 5. the tile plan's summary, when a tile size is given
+    # 5. with a memory budget: the multi-cut plan and tile size the runtime would choose
+    if memory_budget is not None:
+        from dataclasses import replace
+
+        from .budget import choose_plan
+
+        choice = choose_plan(analysis, input_shape, memory_budget, tile_size=tile_size,
+                             cuts=cuts)
+        analysis = replace(analysis, budget_plan=choice)
+        tile_size = None if choice.cuts else choice.tile_size
+    # 6. the one-segment tile plan's summary, when a tile size is given
     if tile_size is not None:
         plan = make_plan(analysis, input_shape, tile_size)
         analysis = _with_plan(analysis, plan, tile_size)

@@ -35,7 +35,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not args.train:
         model.eval()
     analysis = analyze(model, input_shape, tile_size=tile, split=args.split,
-                       leaf_modules=tuple(args.leaf))
+                       leaf_modules=tuple(args.leaf), memory_budget=args.budget)
     if args.json:
         sys.stdout.write(to_json(analysis) + "\n")
     else:
@@ -60,6 +60,9 @@ def add_analyze(subparsers) -> None:
     p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
                    help="keep this submodule as one call when tracing (repeatable); for "
                         "submodules torch.fx cannot trace")
+    p.add_argument("--budget", metavar="BYTES",
+                   help="choose cuts and tile size under this peak memory, e.g. 8GiB, as "
+                        "fxstream.compile(memory_budget=...) does, and show the plan")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
     p.add_argument("--all-nodes", action="store_true",
                    help="list every node, not only those that change the geometry")

@@ -59,6 +59,9 @@ def render(analysis: Analysis, console: Console, all_nodes: bool = False) -> Non
     console.print(_globals(analysis))
     console.print()
     console.print(_plan(analysis))
+    if analysis.budget_plan is not None:
+        console.print()
+        console.print(_budget(analysis.budget_plan))
 
 
 def shown_rows(analysis: Analysis, all_nodes: bool = False) -> list[NodeRow]:
@@ -196,6 +199,8 @@ def _globals(a: Analysis):
 def _plan(a: Analysis):
     title = Text("Tile plan", style="bold")
     p = a.plan
+    if p is None and a.budget_plan is not None:
+        return Group(title, Text("  multi-cut: see the plan under the memory budget below"))
     if p is None:
         return Group(title, Text("  none: pass --tile SIZE (e.g. --tile 2048) to plan tiles"))
     grid = Table.grid(padding=(0, 2))
@@ -212,6 +217,23 @@ def _plan(a: Analysis):
                  f"{human_bytes(p.tile_activation_bytes)} on one tile (all stem outputs, "
                  f"{_dtype(a.dtype)}, estimated)")
     return Group(title, grid)
+
+
+def _budget(c) -> Group:
+    """The plan chosen under a memory budget (cuts, tile, estimated peak and work)."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row("  budget", f"{human_bytes(c.budget)} (process baseline "
+                 f"{human_bytes(c.baseline)} included)")
+    grid.add_row("  cuts", ", ".join(c.cuts) if c.cuts else "none (one segment)")
+    grid.add_row("  tile size", f"{c.tile_size} px in each segment's own input")
+    grid.add_row("  redundancy", " / ".join(f"{r:.2f}×" for r in c.segment_redundancy)
+                 + " per segment")
+    grid.add_row("  stored maps", human_bytes(c.stored_bytes))
+    grid.add_row("  peak memory", f"{human_bytes(c.estimated_peak)} estimated")
+    grid.add_row("  work", f"{c.work_ratio:.2f}× the full-image stem's (estimated from MACs)")
+    return Group(Text("Plan under the memory budget", style="bold"), grid)
 
 
 def render_check(result, console: Console, all_rows: bool = False, limit: int = 12) -> None:

@@ -108,8 +108,9 @@ class StreamEngine(nn.Module):
     """
 
     def __init__(self, stem: fx.GraphModule, planner, boundary_dims, boundary_ranks,
-                 boundary_names, batchnorms, channels: int, n_spatial: int):
+                 boundary_names, batchnorms, channels: int, n_spatial: int, tile_size=None):
         super().__init__()
+        self.tile_size = tile_size
         object.__setattr__(self, "stem", stem)
         object.__setattr__(self, "_batchnorms", tuple(batchnorms))
         self._planner = planner

@@ -168,7 +168,7 @@ def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size) -> Str
 
     planner(tuple(input_shape))  # fail early on a bad tile_size
     return StreamEngine(stem, planner, dims, ranks, tuple(outputs), batchnorms,
-                        input_shape[1], len(input_shape) - 2)
+                        input_shape[1], len(input_shape) - 2, tile_size)
 
 
 def _probe_shape(model, leaf_modules):

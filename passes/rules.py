@@ -457,6 +457,11 @@ def _conv_transpose(ctx, n, kernel, stride, padding, dilation, output_padding):
     kernel, stride = expand(kernel, n, "kernel_size"), expand(stride, n, "stride")
     padding, dilation = expand(padding, n, "padding"), expand(dilation, n, "dilation")
     output_padding = expand(output_padding, n, "output_padding")
+    for j in range(n):
+        if len({dilation[j] * t % stride[j] for t in range(kernel[j])}) < stride[j]:
+            raise NotLocal(f"transposed conv with kernel {kernel[j]} < stride {stride[j]} (after "
+                           "dilation) leaves outputs that read no input; a tile cannot place "
+                           "them, so it is not streamed")
     return _window(ctx, local, n,
                    lambda j, ax: transposed_axis(ax.size, kernel[j], stride[j], padding[j],
                                                  dilation[j], output_padding[j]))
@@ -540,7 +545,10 @@ def _pad(ctx, local: Local, pads, mode):
                                                  lo > 0 or hi > 0):
             raise NotLocal(f"{mode} padding by F.pad reads the border rows it mirrors: "
                            "no geometry rule", kind="no_rule")
-        axes[k] = ax.then(1, -lo, -lo, ax.size + lo + hi)
+        # a crop (negative pad) leaves a tile without values next to its edges that the image
+        # has: widen the window so the outputs that would read them stay invalid
+        a, b = sympy.Min(-lo, 0), -lo + sympy.Max(0, -hi)
+        axes[k] = ax.then(1, a, b, ax.size + lo + hi)
     return local.with_axes(axes)
 
 

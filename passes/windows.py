@@ -33,6 +33,10 @@ def transposed_axis(n, k, stride, pad, dilation, output_padding):
     s = sympy.Rational(1, stride)
     a = sympy.Rational(pad - dilation * (k - 1), stride)
     b = sympy.Rational(pad, stride)
+    # padding beyond the kernel's reach crops the output: a tile then lacks values next to its
+    # edges that the image has, so the window is widened to keep those outputs invalid
+    a = min(a, sympy.Integer(0))
+    b = max(b, sympy.Rational(2 * pad - dilation * (k - 1) - output_padding, stride))
     size = (n - 1) * stride - 2 * pad + dilation * (k - 1) + output_padding + 1
     return s, a, b, size
 

@@ -1,0 +1,109 @@
+"""Multi-cut plans: cut points, exactness of segments streamed on stored maps, budgets."""
+import pytest
+import torch
+import torchvision
+
+import fxstream
+import passes
+from fxstream.budget import choose_plan, parse_bytes
+from fxstream.check import check
+from fxstream.streaming import stem_boundary
+
+from .zoo import ZOO
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).eval()
+
+
+def test_cut_candidates_are_single_tensor_cuts():
+    a = fxstream.analyze(resnet18(), (1, 3, 224, 224))
+    cands = passes.cut_candidates(a.graph_module.graph, stem_boundary(a))
+    assert {"maxpool", "layer1_1_relu_1", "layer2_1_relu_1", "layer3_1_relu_1"} <= set(cands)
+    # inside a residual block the identity path crosses: not a cut
+    assert "layer1_0_conv1" not in cands and "layer2_0_bn1" not in cands
+    assert a.boundary[0] not in cands
+
+
+def test_unet_skip_connections_leave_no_cut_between_them():
+    """Cuts exist before the first skip source and after the last skip concatenation, but no
+    node between them is a cut: the skip connections cross it."""
+    entry = ZOO["unet"]
+    a = fxstream.analyze(entry.build(), entry.input_shape)
+    cands = passes.cut_candidates(a.graph_module.graph, stem_boundary(a))
+    names = [n.name for n in a.graph_module.graph.nodes]
+    first_skip, last_cat = names.index("inc_1_2"), names.index("cat_1")
+    assert "inc_1_2" in cands and "cat_1" in cands
+    assert not [c for c in cands if first_skip < names.index(c) < last_cat]
+
+
+def test_invalid_cut_is_an_error_listing_valid_ones():
+    with pytest.raises(fxstream.SplitError, match=r"cannot cut the stem at 'layer1.0.conv1'.*"
+                                                  r"Valid cuts: conv1, bn1, relu, maxpool"):
+        fxstream.compile(resnet18(), tile_size=64, input_shape=(1, 3, 128, 128),
+                         cuts=["layer1.0.conv1"])
+
+
+@pytest.mark.parametrize("cuts,tile", [(["maxpool"], 128), (["maxpool", "layer1", "layer2",
+                                                                "layer3"], 64), (["layer2"], 120)])
+def test_multicut_resnet18_exact(cuts, tile):
+    result = check(resnet18(), (1, 3, 160, 136), tile, cuts=cuts)
+    assert result.num_tiles > 1
+    bad = [d for d in result.diffs if not d.ok]
+    assert not bad, bad
+
+
+def test_multicut_segments_tile_their_own_inputs():
+    sm = fxstream.compile(resnet18(), tile_size=48, input_shape=(1, 3, 256, 256),
+                          cuts=["maxpool", "layer1", "layer2", "layer3"])
+    engine = sm.engine
+    assert engine.cuts == ("maxpool", "layer1_1_relu_1", "layer2_1_relu_1", "layer3_1_relu_1")
+    x = torch.randn(1, 3, 256, 256)
+    shapes = [(1, 3, 256, 256), (1, 64, 64, 64), (1, 64, 64, 64), (1, 128, 32, 32)]
+    plans = [len(seg.exec_plan(torch.empty(shape, device="meta")).tiles)
+             for seg, shape in zip(engine.segments, shapes)]
+    assert plans[0] > 1 and plans[1] > 1
+    with torch.no_grad():
+        assert (sm(x) - sm.analysis.graph_module(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("text,expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20),
+                                           ("1.5GB", 1_500_000_000), (2**20, 2**20)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "8 parsecs", "-1GiB", "0"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(fxstream.PlanError, match="expected a size like 8GiB"):
+        parse_bytes(text)
+
+
+def test_budget_analysis_and_runtime_agree():
+    model = resnet18()
+    shape = (1, 3, 2048, 2048)
+    a = fxstream.analyze(model, shape, memory_budget="3GiB")
+    choice = a.budget_plan
+    sm = fxstream.compile(model, input_shape=shape, memory_budget="3GiB")
+    cuts = getattr(sm.engine, "cuts", ())
+    assert cuts == choice.cuts
+    segments = getattr(sm.engine, "segments", [sm.engine])
+    assert {seg.tile_size for seg in segments} == {choice.tile_size}
+    assert choice.estimated_peak <= choice.budget
+
+
+def test_budget_prefers_less_work_when_memory_allows():
+    model = resnet18()
+    a = fxstream.analyze(model, (1, 3, 4096, 4096))
+    tight = choose_plan(a, (1, 3, 4096, 4096), "2GiB", baseline=2**29)
+    roomy = choose_plan(a, (1, 3, 4096, 4096), "16GiB", baseline=2**29)
+    assert roomy.work_ratio <= tight.work_ratio
+    assert tight.estimated_peak <= 2 * 2**30
+
+
+def test_budget_too_small():
+    a = fxstream.analyze(resnet18(), (1, 3, 1024, 1024))
+    with pytest.raises(fxstream.PlanError, match=r"no plan fits a memory budget of 0.10 GiB.*"
+                                                 r"smallest estimated peak"):
+        choose_plan(a, (1, 3, 1024, 1024), "0.1GiB")
