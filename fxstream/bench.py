@@ -8,10 +8,13 @@ the variants are interleaved within each repeat (full, streamed, checkpoint, ful
 drifts of the machine's load hit them alike. The variants:
 
 - ``full``: the model as is (BatchNorm frozen by :func:`fxstream.freeze_batchnorm`);
-- ``streamed``: ``fxstream.compile(model, tile_size=...)``;
+- ``streamed``: ``fxstream.compile(model, tile_size=...)``, or with ``--budget``
+  ``fxstream.compile(model, memory_budget=...)`` (the cuts and tile size compile picks are
+  reported, next to the plan :func:`fxstream.budget.choose_plan` estimates here);
 - ``checkpoint``: each top-level child of the model that lies in the stem wrapped in
   ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (the usual way to trade time for
-  memory without fxstream), where the stem is a chain of top-level children.
+  memory without fxstream), where the stem is a chain of top-level children (in-place children
+  such as ``nn.ReLU(inplace=True)`` run as is; see :func:`checkpoint_stages`).
 
 Memory is the process's peak RSS on CPU (``ru_maxrss``) and ``torch.cuda.max_memory_allocated``
 on CUDA; the baseline is the same measure after the model and the image are built. A full-image
@@ -42,8 +45,6 @@ from .errors import FxStreamError, SpecError, UnsupportedError
 VARIANTS = ("full", "streamed", "checkpoint")
 GRAD_FACTOR = 2  # full-image step memory ~ activations x this (stored maps, then their grads)
 BACKWARD_COST = 2  # backward ~ this x forward, for the streamed time floor
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)b?\s*$", re.I)
-_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +63,8 @@ class Run:
     loss: float | None = None
     num_tiles: int | None = None
     redundancy: float | None = None
+    cuts: tuple[str, ...] = ()  # streamed: the cuts compile chose (under --budget)
+    tile_size: int | tuple[int, ...] | None = None  # streamed: the tile size it used
     error: str = ""
 
 
@@ -90,7 +93,7 @@ class VariantResult:
 class Floor:
     """The least time streaming can take, from the plan's redundancy alone."""
 
-    redundancy: float
+    redundancy: float  # with cuts: the segments' redundancies weighted by their MACs
     ratio: float  # streamed / full-image step time, at least
     seconds: float | None  # ratio applied to a measured step (see basis)
     basis: str  # "full", "checkpoint" or "" (nothing measured to scale)
@@ -109,6 +112,7 @@ class SizeResult:
     checkpoint_stages: tuple[str, ...]
     variants: tuple[VariantResult, ...]
     floor: Floor | None
+    budget_plan: object | None = None  # fxstream.budget.PlanChoice under --budget
 
     def variant(self, name: str) -> VariantResult:
         for v in self.variants:
@@ -168,20 +172,20 @@ class BenchConfig:
 
 
 def parse_budget(text: str) -> int:
-    """``8GiB`` -> 8 * 2**30, ``500MB`` -> 5e8, ``1e9`` is not accepted (write 1GB).
+    """``8GiB`` -> 8 * 2**30, ``16GB`` -> 16e9, as ``fxstream.compile(memory_budget=...)`` reads it.
 
     Example:
-        >>> parse_budget("8GiB"), parse_budget("1.5 G")
-        (8589934592, 1500000000)
+        >>> parse_budget("8GiB"), parse_budget("16GB")
+        (8589934592, 16000000000)
     """
-    m = _BUDGET.match(text or "")
-    if not m:
-        raise SpecError(f"bad --budget {text!r}: expected a size such as 8GiB, 512MiB or 16GB")
-    base = 1024 if m[3] else 1000
-    value = int(float(m[1]) * base ** _UNITS[m[2].lower()])
-    if value <= 0:
-        raise SpecError(f"bad --budget {text!r}: must be positive")
-    return value
+    from .budget import parse_bytes
+    from .errors import PlanError
+
+    try:
+        return parse_bytes(text)
+    except PlanError:
+        raise SpecError(f"bad --budget {text!r}: expected a size such as 8GiB, 512MiB or "
+                        "16GB") from None
 
 
 def budget_supported() -> bool:
@@ -270,8 +274,10 @@ def checkpoint_stages(analysis, model) -> tuple[str, ...]:
 
     The stem must be a chain: every stem node inside a top-level child called as a module, each
     child's nodes contiguous, each child fed only by the previous child's output (the first by
-    the image). A child that reaches past the boundary is left out. Raises
-    :class:`UnsupportedError` otherwise.
+    the image). A child that reaches past the boundary is left out, and so is one that writes
+    into its input in place (``nn.ReLU(inplace=True)``): recomputing it under checkpoint would
+    write into the saved input again; run as is, it stores what the next checkpoint stores
+    anyway. Raises :class:`UnsupportedError` otherwise.
     """
     import passes
 
@@ -331,11 +337,28 @@ def checkpoint_stages(analysis, model) -> tuple[str, ...]:
                 raise UnsupportedError(f"no per-child checkpoint: top-level child '{name}' "
                                        "lies partly in the head")
             break
-        stages.append(name)
+        if not any(_in_place(gm, n) for n in nodes if any(a in feeds for a in n.args)):
+            stages.append(name)
     if not stages:
         raise UnsupportedError("no per-child checkpoint: no top-level child lies wholly in the "
                                "stem")
     return tuple(stages)
+
+
+def _in_place(gm, node) -> bool:
+    """Whether ``node`` writes into its first argument (``inplace=True``, ``x.add_``, ``+=``)."""
+    import operator
+
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_function" and node.target in (operator.iadd, operator.isub,
+                                                       operator.imul, operator.itruediv):
+        return True
+    return node.op in ("call_function", "call_method") and name.endswith("_") and \
+        not name.startswith("__")
 
 
 def apply_checkpoint(model, stages):
@@ -366,8 +389,11 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
     Returns:
         a :class:`BenchResult`.
 
-    Example (about 20 s: three processes that import torch):
-        >>> cfg = BenchConfig("torch.nn:Conv2d", ((1, 3, 64, 64),))  # doctest: +SKIP
+    Example (three processes, each importing torch: half a minute or more):
+        >>> cfg = BenchConfig("torchvision.models:resnet18", ((1, 3, 512, 512),), tile_size=512,
+        ...                   repeat=1)
+        >>> bench(cfg).sizes[0].variant("streamed").status  # doctest: +SKIP
+        'ok'
     """
     from .analysis import analyze
     from .spec import load_model
@@ -379,7 +405,7 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
     itemsize = torch.empty((), dtype=dtype).element_size()
     available = available_memory(cfg.device)
     model = freeze_batchnorm(load_model(cfg.spec)).to(dtype)
-    # 1. per shape, before running anything: plan, full-image estimate, checkpoint stages
+    # 1. per shape, before running anything: plans, full-image estimate, checkpoint stages
     prepared = []
     for shape in cfg.input_shapes:
         analysis = analyze(model, shape, tile_size=cfg.tile_size, split=cfg.split,
@@ -389,10 +415,15 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
             stages, unsupported = checkpoint_stages(analysis, model), ""
         except FxStreamError as e:
             stages, unsupported = (), str(e)
-        prepared.append((shape, analysis, acts, estimate, stages, unsupported))
+        choice = None
+        if cfg.budget_bytes is not None and "streamed" in cfg.variants:
+            from .budget import choose_plan
+
+            choice = choose_plan(analysis, shape, cfg.budget_bytes)
+        prepared.append((shape, analysis, acts, estimate, stages, unsupported, choice))
     # 2. the runs: fresh processes, variants interleaved within each repeat
     results = []
-    for shape, analysis, acts, estimate, stages, unsupported in prepared:
+    for shape, analysis, acts, estimate, stages, unsupported, choice in prepared:
         skip = {}
         if "full" in cfg.variants and estimate > available and not cfg.force:
             skip["full"] = ("would not fit", f"would not fit (estimated {_gib(estimate)} > "
@@ -406,7 +437,8 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
                 progress(f"{v} {'x'.join(map(str, shape))}  run {r + 1}/{cfg.repeat}")
                 runs[v].append(run_child(_child_config(cfg, v, shape, stages), v, r,
                                          cfg.timeout))
-        results.append(_summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip))
+        results.append(_summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip,
+                                  choice))
     return BenchResult(
         spec=cfg.spec, device=cfg.device, dtype=cfg.dtype, tile_size=cfg.tile_size,
         budget_bytes=cfg.budget_bytes, repeat=cfg.repeat, warmup=cfg.warmup,
@@ -454,7 +486,7 @@ def run_child(config: dict, variant: str, repeat: int, timeout=None) -> Run:
     return Run(variant, repeat, error=f"exit {proc.returncode}: {tail}")
 
 
-def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip) -> SizeResult:
+def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, choice) -> SizeResult:
     summaries = {}
     for v in cfg.variants:
         if v in skip:
@@ -478,16 +510,33 @@ def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip) -> Size
                 summaries[v] = _with_ratios(s, full)
     redundancy = analysis.plan.redundancy if analysis.plan is not None else None
     num_tiles = analysis.plan.num_tiles if analysis.plan is not None else None
+    multi_cut = False
+    if choice is not None:
+        redundancy, multi_cut = choice.work_ratio, bool(choice.cuts)
+        if not choice.cuts:
+            from .analysis import make_plan
+
+            plan = make_plan(analysis, shape, choice.tile_size)
+            redundancy, num_tiles = round(plan.redundancy, 4), plan.num_tiles
+        summaries["streamed"] = _check_choice(summaries["streamed"], choice)
     streamed = summaries.get("streamed")
-    if cfg.tile_size is None and streamed is not None:  # budget: the child's own plan
-        done = [r for r in streamed.runs if r.redundancy is not None]
-        if done:
-            redundancy, num_tiles = done[0].redundancy, done[0].num_tiles
     floor = None
     if streamed is not None and redundancy is not None:
-        floor = streaming_floor(redundancy, full, summaries.get("checkpoint"))
+        floor = streaming_floor(redundancy, full, summaries.get("checkpoint"), multi_cut)
     return SizeResult(tuple(shape), num_tiles, redundancy, acts, estimate, tuple(stages),
-                      tuple(summaries[v] for v in cfg.variants), floor)
+                      tuple(summaries[v] for v in cfg.variants), floor, choice)
+
+
+def _check_choice(streamed: VariantResult, choice) -> VariantResult:
+    """Note when a run's compile chose another plan than the one estimated here."""
+    chosen = {(tuple(r.cuts), r.tile_size) for r in streamed.runs if not r.error}
+    other = chosen - {(tuple(choice.cuts), choice.tile_size)}
+    if not other:
+        return streamed
+    text = "; ".join(f"cuts {', '.join(c) or 'none'}, tile {t}" for c, t in sorted(other))
+    note = f"compile chose {text} (estimated here: cuts {', '.join(choice.cuts) or 'none'}, " \
+           f"tile {choice.tile_size}; the process baselines differ)"
+    return replace(streamed, note="; ".join(n for n in (streamed.note, note) if n))
 
 
 def _with_ratios(s: VariantResult, full: VariantResult) -> VariantResult:
@@ -500,13 +549,14 @@ def _with_ratios(s: VariantResult, full: VariantResult) -> VariantResult:
 
 
 def streaming_floor(redundancy: float, full: VariantResult | None = None,
-                    checkpoint: VariantResult | None = None) -> Floor:
+                    checkpoint: VariantResult | None = None, multi_cut: bool = False) -> Floor:
     """The time floor the plan implies: ``4r/3`` x the full-image step.
 
     The streamed step runs the stem's forward twice (without grad to fill the boundary, then
     again with grad per tile) and its backward once, each over tiles that cover ``r`` times the
     image's pixels: ``r (F + F + B)``; the full step is ``F + B``. With ``B = 2F`` that is
     ``4r/3``. Per-child checkpointing also costs ``F + F + B``, so streamed >= ``r`` x checkpoint.
+    With cuts each segment has its own redundancy; ``r`` is their average weighted by MACs.
 
     Example:
         >>> streaming_floor(1.5).ratio
@@ -518,9 +568,11 @@ def streaming_floor(redundancy: float, full: VariantResult | None = None,
         seconds, basis = ratio * full.median_seconds, "full"
     elif checkpoint is not None and checkpoint.status == "ok":
         seconds, basis = redundancy * checkpoint.median_seconds, "checkpoint"
-    explanation = (f"tiles cover {redundancy:.2f}x the image's pixels and the stem runs forward "
-                   "twice (no-grad, then recomputed per tile) and backward once: r(F+F+B) vs "
-                   f"F+B with B = {BACKWARD_COST}F, head ignored")
+    cover = (f"the segments' tiles cover {redundancy:.2f}x their input maps (MAC-weighted)"
+             if multi_cut else f"tiles cover {redundancy:.2f}x the image's pixels")
+    explanation = (f"{cover} and the stem runs forward twice (no-grad, then recomputed per "
+                   f"tile) and backward once: r(F+F+B) vs F+B with B = {BACKWARD_COST}F, head "
+                   "ignored")
     return Floor(redundancy, ratio, seconds, basis, explanation)
 
 
@@ -561,8 +613,13 @@ def child_step(config: dict) -> dict:
         model = compile_model(model, split=config["split"],
                               leaf_modules=tuple(config["leaf_modules"]), input_shape=shape,
                               **kwargs)
-        plan = model.plan(shape).plan
-        extra = dict(num_tiles=plan.num_tiles, redundancy=round(plan.redundancy, 4))
+        engine = model.engine
+        cuts = tuple(getattr(engine, "cuts", ()))
+        first = engine.segments[0] if cuts else engine
+        extra = dict(cuts=cuts, tile_size=getattr(first, "tile_size", config["tile_size"]))
+        if not cuts:  # one segment: its plan reads the image
+            plan = model.plan(shape).plan
+            extra.update(num_tiles=plan.num_tiles, redundancy=round(plan.redundancy, 4))
     elif variant == "checkpoint":
         apply_checkpoint(model, config["stages"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -641,6 +698,7 @@ def render_bench(result: BenchResult, console) -> None:
                       + (f"  ({size.num_tiles} tiles, redundancy {size.redundancy:.2f}×)"
                          if size.num_tiles else ""),
                       title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True,
                       caption="time: median step; peak: largest over runs; step: peak − "
                               "baseline; ×full: ratio to the full image", caption_justify="left")
         for name in ("variant", "time", "×full", "peak", "×full", "baseline", "step", "×full"):
@@ -662,6 +720,11 @@ def render_bench(result: BenchResult, console) -> None:
         if size.checkpoint_stages and "checkpoint" in [v.variant for v in size.variants]:
             console.print(f"  checkpoint: each of {', '.join(size.checkpoint_stages)} "
                           "recomputed in backward")
+        if size.budget_plan is not None:
+            c = size.budget_plan
+            console.print(f"  streamed under the budget: cuts {', '.join(c.cuts) or 'none'}, "
+                          f"tile {c.tile_size}, estimated peak {human_bytes(c.estimated_peak)},"
+                          f" work {c.work_ratio:.2f}× the full stem's")
         if size.floor is not None:
             f = size.floor
             at = f" = {f.seconds:.3g} s (from {f.basis})" if f.seconds is not None else ""
@@ -711,8 +774,12 @@ def plot_bench(result: BenchResult, path: str) -> None:
         if est:
             mem_ax.plot([mp for mp, _ in est], [b / 2**30 for _, b in est], "o",
                         mfc="none", label=f"{name} (estimate, not run)")
-    mem_ax.axhline(result.available_bytes / 2**30, color="grey", ls=":", lw=1,
-                   label="available")
+    top = max([v.peak_bytes or 0 for s in result.sizes for v in s.variants]
+              + [s.estimated_full_bytes for s in result.sizes
+                 if any(v.status == "would not fit" for v in s.variants)])
+    if top > result.available_bytes / 2:  # else the line only squashes the curves
+        mem_ax.axhline(result.available_bytes / 2**30, color="grey", ls=":", lw=1,
+                       label="available")
     mem_ax.set(xlabel="image size (megapixels)", ylabel=f"{result.memory_kind} (GiB)",
                title="peak memory")
     time_ax.set(xlabel="image size (megapixels)", ylabel="seconds (median)",

@@ -85,8 +85,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     model = load_model(args.spec)
     if not args.train:
         model.eval()
+    cuts = [c for c in args.cuts.split(",") if c] if args.cuts else None
     result = check(model, input_shape, tile, dtype=dtype, tol=args.tol, split=args.split,
-                   leaf_modules=tuple(args.leaf), seed=args.seed, device=args.device)
+                   leaf_modules=tuple(args.leaf), seed=args.seed, device=args.device, cuts=cuts)
     render_check(result, Console(highlight=False), all_rows=args.all_rows)
     return 0 if result.passed else 1
 
@@ -120,6 +121,8 @@ def add_check(subparsers) -> None:
     p.add_argument("--tol", type=float, default=1e-10,
                    help="largest relative difference allowed (default 1e-10)")
     p.add_argument("--split", metavar="NAME", help="stream only up to this node or module")
+    p.add_argument("--cuts", metavar="NAMES",
+                   help="comma-separated cut points of a multi-cut plan, e.g. layer1,layer2")
     p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
                    help="keep this submodule as one call when tracing (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of image, loss weights (0)")

@@ -166,7 +166,9 @@ class StreamEngine(nn.Module):
         for t, tile in enumerate(plan.tiles):
             if rng_states is not None:
                 rng_states.append(_rng_state(device))
-            xt = x[tile.image].to(device, non_blocking=True)
+            # a copy: the stem may start with an in-place op (ReLU(inplace=True) after a cut),
+            # which must not write into the image or a stored cut map shared by other tiles
+            xt = x[tile.image].to(device, non_blocking=True, copy=True)
             ys = _as_tuple(self.stem(xt))
             for b, y in enumerate(ys):
                 where = tile.outputs[b]
@@ -231,13 +233,14 @@ class StreamFunction(torch.autograd.Function):
         gx = torch.zeros_like(x) if ctx.x_requires_grad else None
         enabled, dtype = ctx.autocast
         for tile, state in zip(plan.tiles, ctx.rng):
-            xt = x[tile.image].detach().to(device, non_blocking=True)
+            xt = x[tile.image].detach().to(device, non_blocking=True, copy=True)
             if gx is not None:
                 xt.requires_grad_(True)
             with torch.enable_grad():
                 with _replay(state, device), torch.autocast(device.type, dtype=dtype,
                                                             enabled=enabled):
-                    ys = _as_tuple(engine.stem(xt))
+                    # in-place ops may not touch a leaf that requires grad: feed a clone
+                    ys = _as_tuple(engine.stem(xt.clone() if gx is not None else xt))
                 outs, gouts = [], []
                 for b, y in enumerate(ys):
                     where = tile.outputs[b]

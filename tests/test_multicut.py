@@ -46,8 +46,11 @@ def test_invalid_cut_is_an_error_listing_valid_ones():
 
 
 @pytest.mark.parametrize("cuts,tile", [(["maxpool"], 128), (["maxpool", "layer1", "layer2",
-                                                                "layer3"], 64), (["layer2"], 120)])
+                                                                "layer3"], 64), (["layer2"], 120),
+                                       (["add_2"], 120)])
 def test_multicut_resnet18_exact(cuts, tile):
+    """``add_2`` is followed by ReLU(inplace=True): the segment after it must neither write into
+    the stored map nor into a leaf that requires grad."""
     result = check(resnet18(), (1, 3, 160, 136), tile, cuts=cuts)
     assert result.num_tiles > 1
     bad = [d for d in result.diffs if not d.ok]
