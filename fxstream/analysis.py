@@ -355,6 +355,22 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.replace("torch.", ""))
 
 
+def stem_tensors(analysis: Analysis):
+    """``(node, Local geometry, concrete shape)`` of every stem tensor, in graph order."""
+    for node in analysis.graph_module.graph.nodes:
+        g = node.meta.get(GEOMETRY)
+        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
+            continue
+        shape = passes.concrete_shape(node)
+        if shape is not None:
+            yield node, g, shape
+
+
+def itemsize(analysis: Analysis) -> int:
+    """Bytes per element of the analysed dtype."""
+    return torch.empty((), dtype=_dtype(analysis.dtype)).element_size()
+
+
 def activation_bytes(analysis: Analysis, input_shape, tile_lengths, itemsize):
     """Bytes of all stem activations on the whole image, and on one tile of the given size."""
     gm = analysis.graph_module
@@ -369,13 +385,7 @@ def activation_bytes(analysis: Analysis, input_shape, tile_lengths, itemsize):
         return cache[k]
 
     full = tile = 0
-    for node in gm.graph.nodes:
-        g = node.meta.get(GEOMETRY)
-        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
-            continue
-        shape = passes.concrete_shape(node)
-        if shape is None:
-            continue
+    for node, g, shape in stem_tensors(analysis):
         numel = math.prod(shape)
         tshape = list(shape)
         for ax, d in zip(g.axes, g.dims):

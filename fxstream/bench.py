@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from .analysis import _jsonable
 from .errors import FxStreamError, SpecError, UnsupportedError
 
 VARIANTS = ("full", "streamed", "checkpoint")
@@ -138,14 +139,6 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import passes
-from passes import GEOMETRY, ROLE, Local
 
 from .errors import PlanError
 from .plan import AxisGeometry
@@ -77,16 +76,12 @@ class _Node:
 
 
 def _nodes(analysis) -> dict[str, _Node]:
+    from .analysis import itemsize as dtype_size, stem_tensors
+
     gm = analysis.graph_module
-    itemsize = 2 if "16" in analysis.dtype else 8 if "64" in analysis.dtype else 4
+    itemsize = dtype_size(analysis)
     out = {}
-    for node in gm.graph.nodes:
-        g = node.meta.get(GEOMETRY)
-        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
-            continue
-        shape = passes.concrete_shape(node)
-        if shape is None:
-            continue
+    for node, g, shape in stem_tensors(analysis):
         numel = math.prod(shape)
         cost = numel
         if node.op == "call_module":
