@@ -7,6 +7,7 @@ A rule takes a :class:`RuleContext` and returns the node's new :class:`Local` ge
 from __future__ import annotations
 
 import operator
+import sys
 
 import sympy
 import torch
@@ -35,6 +36,8 @@ def rule(*keys):
 
 def lookup(node, module):
     """The rule for a node, or None. Module subclasses inherit a rule only if forward is kept."""
+    for package in [p for p in OPTIONAL_RULES if p in sys.modules]:
+        OPTIONAL_RULES.pop(package)()
     if node.op == "call_module":
         for cls in type(module).__mro__:
             if cls in RULES:
@@ -949,13 +952,14 @@ def drop_block_rule(ctx: RuleContext) -> Local:
     return local
 
 
-try:
-    from torchvision.ops import StochasticDepth as _StochasticDepth
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-    from torchvision.ops import DropBlock2d as _DropBlock2d, DropBlock3d as _DropBlock3d
-    from torchvision.ops import drop_block2d as _drop_block2d, drop_block3d as _drop_block3d
-except ImportError:  # torchvision is optional
-    pass
-else:
-    rule(_StochasticDepth, _stochastic_depth)(stochastic_depth_rule)
-    rule(_DropBlock2d, _DropBlock3d, _drop_block2d, _drop_block3d)(drop_block_rule)
+def _register_torchvision() -> None:
+    """Rules for torchvision.ops, registered once torchvision is imported (a model that uses
+    them has imported it); passes never import torchvision themselves (it costs ~1 s)."""
+    from torchvision.ops import DropBlock2d, DropBlock3d, StochasticDepth
+    from torchvision.ops import drop_block2d, drop_block3d, stochastic_depth
+
+    rule(StochasticDepth, stochastic_depth)(stochastic_depth_rule)
+    rule(DropBlock2d, DropBlock3d, drop_block2d, drop_block3d)(drop_block_rule)
+
+
+OPTIONAL_RULES = {"torchvision": _register_torchvision}  # package -> registers its rules
