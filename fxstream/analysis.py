@@ -279,7 +279,9 @@ def boundary_geometry(analysis: Analysis, input_shape, names=None) -> list[list[
         g = nodes[name].meta[GEOMETRY]
         for k, ax in enumerate(g.axes):
             size = int(ax.size.subs(values))
-            per_axis[k].append(AxisGeometry(_frac(ax.stride), _frac(ax.lo), _frac(ax.hi), size))
+            # lo/hi may depend on the size's residue (a crop by a shape-derived amount)
+            lo, hi = (_frac(sympy.sympify(v).subs(values)) for v in (ax.lo, ax.hi))
+            per_axis[k].append(AxisGeometry(_frac(ax.stride), lo, hi, size))
     return per_axis
 
 
@@ -336,10 +338,8 @@ def _with_plan(analysis: Analysis, plan: TilePlan, tile_size) -> Analysis:
         spans = ax.spans
         overlap.append(max([spans[i].stop - spans[i + 1].start for i in range(len(spans) - 1)],
                            default=0))
-    rows = analysis.boundary_rows
-    for k in range(n):
-        margin.append(max(int(math.ceil(max(-Fraction(r.interval[k][0]), Fraction(r.interval[k][1]))))
-                          for r in rows))
+    for geos in boundary_geometry(analysis, analysis.input_shape):
+        margin.append(max(math.ceil(max(-g.lo, g.hi)) for g in geos))
     itemsize = torch.empty((), dtype=_dtype(analysis.dtype)).element_size()
     full, tile = activation_bytes(analysis, analysis.input_shape,
                                   [ax.max_length for ax in plan.axes], itemsize)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import passes
+import sympy
 
 from .errors import PlanError
 from .plan import AxisGeometry
@@ -80,6 +81,8 @@ def _nodes(analysis) -> dict[str, _Node]:
 
     gm = analysis.graph_module
     itemsize = dtype_size(analysis)
+    symbols = passes.input_symbols(len(analysis.input_shape) - 2)
+    values = dict(zip(symbols, analysis.input_shape[2:]))
     out = {}
     for node, g, shape in stem_tensors(analysis):
         numel = math.prod(shape)
@@ -89,15 +92,14 @@ def _nodes(analysis) -> dict[str, _Node]:
             if w is not None and w.dim() >= 2:
                 cost = numel * math.prod(w.shape[1:])
         out[node.name] = _Node(node.name, numel * itemsize, cost,
-                               tuple(_f(a.stride) for a in g.axes), tuple(_f(a.lo) for a in g.axes),
-                               tuple(_f(a.hi) for a in g.axes),
+                               tuple(_f(a.stride) for a in g.axes),
+                               tuple(_f(sympy.sympify(a.lo).subs(values)) for a in g.axes),
+                               tuple(_f(sympy.sympify(a.hi).subs(values)) for a in g.axes),
                                tuple(shape[d] for d in g.dims))
     return out
 
 
 def _f(x) -> Fraction:
-    import sympy
-
     n, d = sympy.fraction(sympy.Rational(x))
     return Fraction(int(n), int(d))
 

@@ -111,13 +111,15 @@ def plan_axis(size: int, align: int, geos: list[AxisGeometry], step: int | None)
 
 
 def _max_length(size, align, geos, step) -> int:
-    """``plan_axis(...).max_length`` without building every span: interior tiles are
-    translates of each other (steps are multiples of the alignment), so the first two, a middle
-    one and the last two cover every distinct length."""
+    """An estimate of ``plan_axis(...).max_length`` for long axes: interior tiles are translates
+    of each other (steps are multiples of the alignment), so the first two, a middle one and the
+    last two usually cover every distinct length; short axes (up to 256 tiles) are measured
+    whole. ``_plan_one_axis`` verifies the plan it returns."""
     cuts = _cuts(size, step)
     n = len(cuts) - 1
     lengths = [0]
-    for t in sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))):
+    sample = range(n) if n <= 256 else {0, 1, n // 2, n - 2, n - 1}
+    for t in sorted(set(sample) & set(range(n))):
         span = _span(size, align, geos, cuts[t], cuts[t + 1], t == n - 1)
         if span is not None:
             lengths.append(span.length)
@@ -177,4 +179,12 @@ def _plan_one_axis(k, size, align, geos, tile):
             lo = mid
         else:
             hi = mid - 1
-    return plan_axis(size, align, geos, lo * align)
+    plan = plan_axis(size, align, geos, lo * align)
+    while plan.max_length > tile and lo > 1:  # the estimate missed a longer tile
+        lo -= 1
+        plan = plan_axis(size, align, geos, lo * align)
+    if plan.max_length > tile:
+        raise PlanError(f"tile_size {tile} is too small on axis {k}: the smallest legal tile "
+                        f"for this model is {plan.max_length}; use tile_size >= "
+                        f"{plan.max_length}")
+    return plan
