@@ -24,6 +24,7 @@ from .plan import AxisGeometry
 
 TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 MAX_CANDIDATES = 10
+TILE_GRAD_FACTOR = 1.5
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
@@ -40,14 +41,14 @@ def parse_bytes(value) -> int:
 
 
 def current_rss() -> int:
-    """This process's resident memory, rounded up to 256 MiB (so estimates are stable)."""
+    """This process's resident memory, rounded up to 64 MiB (so estimates are stable)."""
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
         rss = pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         rss = 2**30
-    step = 256 * 2**20
+    step = 64 * 2**20
     return -(-rss // step) * step
 
 
@@ -151,7 +152,9 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
     tiles = [tile_size] if tile_size is not None else [
         t for t in TILE_OPTIONS if t <= 2 * max(input_shape[2:])] or [TILE_OPTIONS[0]]
     image = next(n for n in gm.graph.nodes if n.op == "placeholder").name
-    fixed = baseline + 3 * sum(p.numel() * p.element_size() for p in gm.parameters()) \
+    # the baseline holds the model (and often the image); add the parameters' gradients, the
+    # image (safe side if it is already resident) and the boundary tensors
+    fixed = baseline + sum(p.numel() * p.element_size() for p in gm.parameters()) \
         + nodes[image].bytes + sum(nodes[b].bytes for b in boundary.tensors)
     full_work = sum(n.cost for n in nodes.values())
     seg_cache = {}
@@ -215,7 +218,9 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
         red *= sum(sp.length for sp in plan.spans) / size
         frac *= min(plan.max_length, size) / size
     work = red * sum(nodes[n].cost for n in names)
-    tile_mem = 2 * frac * sum(nodes[n].bytes for n in names)
+    # a tile's saved activations plus the gradients alive during its backward (measured on
+    # resnet18: about half the activations at once)
+    tile_mem = TILE_GRAD_FACTOR * frac * sum(nodes[n].bytes for n in names)
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
     return work, tile_mem + grads, red
 

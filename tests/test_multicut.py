@@ -83,7 +83,8 @@ def test_parse_bytes_rejects(text):
         parse_bytes(text)
 
 
-def test_budget_analysis_and_runtime_agree():
+def test_budget_analysis_and_runtime_agree(monkeypatch):
+    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)  # one baseline for both
     model = resnet18()
     shape = (1, 3, 2048, 2048)
     a = fxstream.analyze(model, shape, memory_budget="3GiB")
