@@ -1,11 +1,12 @@
 """Choosing cuts and a tile size under a memory budget (DESIGN section 5).
 
 Candidates are the stem's valid cut points, thinned to the first and last of each stride
-level (stage entries and exits). For every subset of them and every tile size, a segment's cost
-comes from the geometry alone: its work is the MACs of its layers times the redundancy of its
-tile plan on its own input map; its memory is one tile's activations and gradients plus the
-gradients of its input and output maps; every cut stores its full map. The plan with the least
-work whose estimated peak fits the budget wins (ties: fewer cuts, larger tiles).
+level (stage entries and exits). For every subset of them, every cut stores its full map, and
+what the budget leaves beyond the stored maps and the fixed costs bounds each segment's
+transient memory: one tile's activations and gradients plus the gradients of its input and
+output maps. Each segment then takes, independently, the tile size with the least work (MACs
+of its layers times the redundancy of its tile plan on its own input map) within that bound.
+The subset with the least total work wins (ties: fewer cuts).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ class PlanChoice:
 
     budget: int
     cuts: tuple[str, ...]
-    tile_size: int
+    tile_size: int  # of the first segment (the one that reads the image)
+    segment_tiles: tuple[int, ...]  # one per segment, in each segment's own input pixels
     estimated_peak: int
     stored_bytes: int
     work_ratio: float  # estimated stem work / full-image stem work (forward + backward)
@@ -169,31 +171,38 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
     best = None
     smallest_peak = None
     for subset in subsets:
-        for tile in tiles:
-            points = [image, *subset]
-            ends = [*subset, None]
-            costs = [segment(s, e, tile) for s, e in zip(points, ends)]
-            if any(c is None for c in costs):
-                continue
-            stored = sum(nodes[c].bytes for c in subset)
-            peak = fixed + stored + max(c[1] for c in costs)
-            work = sum(c[0] for c in costs)
-            smallest_peak = peak if smallest_peak is None else min(smallest_peak, peak)
-            if peak > budget:
-                continue
-            key = (work, len(subset), -tile)
+        stored = sum(nodes[c].bytes for c in subset)
+        allowance = budget - fixed - stored
+        picks = []
+        for src, dst in zip([image, *subset], [*subset, None]):
+            options = [(c[0], -tile, c[1], c[2], tile) for tile in tiles
+                       if (c := segment(src, dst, tile)) is not None]
+            if not options:
+                break
+            fitting = [o for o in options if o[2] <= allowance]
+            least = min(o[2] for o in options)
+            smallest = fixed + stored + least
+            smallest_peak = smallest if smallest_peak is None else min(smallest_peak, smallest)
+            if not fitting:
+                break
+            picks.append(min(fitting))  # least work, then the largest tile
+        else:
+            peak = fixed + stored + max(p[2] for p in picks)
+            work = sum(p[0] for p in picks)
+            key = (work, len(subset))
             if best is None or key < best[0]:
-                best = (key, subset, tile, peak, stored, tuple(c[2] for c in costs))
+                best = (key, subset, picks, peak, stored)
     if best is None:
         need = f"; the smallest estimated peak is {smallest_peak / 2**30:.2f} GiB" \
             if smallest_peak else ""
         raise PlanError(f"no plan fits a memory budget of {budget / 2**30:.2f} GiB for input "
                         f"{tuple(input_shape)} (process baseline {baseline / 2**30:.2f} GiB "
                         f"included){need}")
-    (work, _, _), subset, tile, peak, stored, red = best
-    return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=tile, estimated_peak=peak,
+    (work, _), subset, picks, peak, stored = best
+    return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=picks[0][4],
+                      segment_tiles=tuple(p[4] for p in picks), estimated_peak=peak,
                       stored_bytes=stored, work_ratio=round(work / full_work, 3),
-                      segment_redundancy=tuple(round(r, 3) for r in red), baseline=baseline)
+                      segment_redundancy=tuple(round(p[3], 3) for p in picks), baseline=baseline)
 
 
 def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):

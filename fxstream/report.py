@@ -227,7 +227,8 @@ def _budget(c) -> Group:
     grid.add_row("  budget", f"{human_bytes(c.budget)} (process baseline "
                  f"{human_bytes(c.baseline)} included)")
     grid.add_row("  cuts", ", ".join(c.cuts) if c.cuts else "none (one segment)")
-    grid.add_row("  tile size", f"{c.tile_size} px in each segment's own input")
+    grid.add_row("  tile sizes", " / ".join(map(str, c.segment_tiles))
+                 + " px per segment, in each segment's own input")
     grid.add_row("  redundancy", " / ".join(f"{r:.2f}×" for r in c.segment_redundancy)
                  + " per segment")
     grid.add_row("  stored maps", human_bytes(c.stored_bytes))

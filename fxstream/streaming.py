@@ -104,11 +104,13 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
 
         choice = choose_plan(analysis, input_shape, memory_budget,
                              tile_size=tile_size if tile_given else None, cuts=cuts)
-        cuts, tile_size = choice.cuts, choice.tile_size
+        cuts, tiles = choice.cuts, choice.segment_tiles
     cut_names = resolve_cuts(analysis, cuts or ())
     segments = split_stem(gm.graph, boundary, cut_names)
+    if memory_budget is None:
+        tiles = [tile_size] * len(segments)
     engines = []
-    for source, names, outputs in segments:
+    for (source, names, outputs), tile_size in zip(segments, tiles):
         graph = build_segment_graph(gm.graph, source, names, outputs)
         stem = fx.GraphModule(gm, graph, "Stem")
         if len(segments) == 1:
