@@ -1,10 +1,10 @@
 """Choosing cuts and a tile size under a memory budget (DESIGN section 5).
 
 Candidates are the stem's valid cut points, thinned to the first and last of each stride
-level (stage entries and exits). For every subset of them, every cut stores its full map, and
-what the budget leaves beyond the stored maps and the fixed costs bounds each segment's
-transient memory: one tile's activations and gradients plus the gradients of its input and
-output maps. Each segment then takes, independently, the tile size with the least work (MACs
+level (stage entries and exits). For every subset of them, the forward holds every cut's full
+map at once; the backward streams the segments in reverse, so while segment j runs only the cut
+maps up to its input are alive, beside its transient memory: one tile's activations and
+gradients plus the gradients of its input and output maps. Each segment then takes, independently, the tile size with the least work (MACs
 of its layers times the redundancy of its tile plan on its own input map) within that bound.
 The subset with the least total work wins (ties: fewer cuts).
 """
@@ -172,22 +172,28 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
     smallest_peak = None
     for subset in subsets:
         stored = sum(nodes[c].bytes for c in subset)
-        allowance = budget - fixed - stored
-        picks = []
-        for src, dst in zip([image, *subset], [*subset, None]):
+        if fixed + stored > budget:  # the forward holds every cut's map at once
+            smallest_peak = fixed + stored if smallest_peak is None else \
+                min(smallest_peak, fixed + stored)
+            continue
+        picks, peaks = [], [fixed + stored]
+        for j, (src, dst) in enumerate(zip([image, *subset], [*subset, None])):
+            # the backward streams segments in reverse: while segment j runs, the maps after
+            # its input have been released and only the cut maps up to its input remain
+            alive = fixed + sum(nodes[c].bytes for c in subset[:j])
             options = [(c[0], -tile, c[1], c[2], tile) for tile in tiles
                        if (c := segment(src, dst, tile)) is not None]
             if not options:
                 break
-            fitting = [o for o in options if o[2] <= allowance]
-            least = min(o[2] for o in options)
-            smallest = fixed + stored + least
-            smallest_peak = smallest if smallest_peak is None else min(smallest_peak, smallest)
+            least = alive + min(o[2] for o in options)
+            smallest_peak = least if smallest_peak is None else min(smallest_peak, least)
+            fitting = [o for o in options if alive + o[2] <= budget]
             if not fitting:
                 break
             picks.append(min(fitting))  # least work, then the largest tile
+            peaks.append(alive + picks[-1][2])
         else:
-            peak = fixed + stored + max(p[2] for p in picks)
+            peak = max(peaks)
             work = sum(p[0] for p in picks)
             key = (work, len(subset))
             if best is None or key < best[0]:
