@@ -21,6 +21,20 @@ SPEC_HELP = ("model SPEC: 'package.module:callable' (e.g. torchvision.models:res
              "are downloaded")
 
 
+def add_model_arguments(p, example_input: str) -> None:
+    """The arguments every model command shares: SPEC, --input, --split, --leaf, --train."""
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--input", required=True, metavar="NxCxHxW",
+                   help=f"input shape, sizes joined by 'x', e.g. {example_input}")
+    p.add_argument("--split", metavar="NAME",
+                   help="node name or module qualname whose output becomes the boundary")
+    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
+                   help="keep this submodule as one call when tracing (repeatable); for "
+                        "submodules torch.fx cannot trace")
+    p.add_argument("--train", action="store_true",
+                   help="keep the model in train mode (default: eval mode)")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``fxstream analyze``: trace the model, report geometry, boundary and tile plan."""
     from rich.console import Console
@@ -50,24 +64,15 @@ def add_analyze(subparsers) -> None:
                     "field, the stem/head boundary, the global nodes and, with --tile, the tile "
                     "plan. The model is put in eval mode first (BatchNorm in train mode is not "
                     "local); pass --train to keep it in train mode.")
-    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--input", required=True, metavar="NxCxHxW",
-                   help="input shape, sizes joined by 'x', e.g. 1x3x8192x8192")
+    add_model_arguments(p, "1x3x8192x8192")
     p.add_argument("--tile", metavar="SIZE",
                    help="largest input tile: one size (2048) or one per spatial axis (2048x1024)")
-    p.add_argument("--split", metavar="NAME",
-                   help="node name or module qualname whose output becomes the boundary")
-    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
-                   help="keep this submodule as one call when tracing (repeatable); for "
-                        "submodules torch.fx cannot trace")
     p.add_argument("--budget", metavar="BYTES",
                    help="choose cuts and tile size under this peak memory, e.g. 8GiB, as "
                         "fxstream.compile(memory_budget=...) does, and show the plan")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
     p.add_argument("--all-nodes", action="store_true",
                    help="list every node, not only those that change the geometry")
-    p.add_argument("--train", action="store_true",
-                   help="keep the model in train mode (default: eval mode)")
     p.set_defaults(run=cmd_analyze)
 
 
@@ -112,24 +117,18 @@ def add_check(subparsers) -> None:
                     "absolute and relative difference of the output, each parameter's gradient "
                     "and the image gradient. Exit 1 if any exceeds --tol. The model is put in "
                     "eval mode first unless --train is given.")
-    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--input", required=True, metavar="NxCxHxW",
-                   help="input shape, e.g. 1x3x1024x1024")
+    add_model_arguments(p, "1x3x1024x1024")
     p.add_argument("--tile", required=True, metavar="SIZE",
                    help="largest input tile: one size (256) or one per spatial axis (256x128)")
     p.add_argument("--dtype", default="float64", help="dtype of model and image (float64)")
     p.add_argument("--tol", type=float, default=1e-10,
                    help="largest relative difference allowed (default 1e-10)")
-    p.add_argument("--split", metavar="NAME", help="stream only up to this node or module")
     p.add_argument("--cuts", metavar="NAMES",
                    help="comma-separated cut points of a multi-cut plan, e.g. layer1,layer2")
-    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
-                   help="keep this submodule as one call when tracing (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of image, loss weights (0)")
     p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda)")
     p.add_argument("--all-rows", action="store_true",
                    help="list every parameter, not only the worst ones")
-    p.add_argument("--train", action="store_true", help="keep the model in train mode")
     p.set_defaults(run=cmd_check)
 
 
