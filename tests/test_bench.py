@@ -318,7 +318,7 @@ def test_render_bench_lists_variants_ratios_and_notes():
                                 "512.0", "MiB", "0.25×"]
     assert "full: would not fit (estimated 32.00 GiB > 8.00 GiB available)" in text
     assert "checkpoint: no per-child checkpoint: reasons" in text
-    assert "streamed floor: >= 2.00× full = 4 s (from full)" in text
+    assert "streamed compute estimate: 2.00× full = 4 s (from full)" in text
 
 
 def test_json_round_trips_the_result():
