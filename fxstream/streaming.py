@@ -19,7 +19,14 @@ from .tracing import trace
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 PROBE_SIZE = 1024
-_DEFAULT_TILE = object()  # tells "tile_size left at its default" from an explicit 2048
+class _DefaultTile(int):
+    """2048, but distinguishable from an explicit ``tile_size=2048`` (a budget may override it)."""
+
+    def __repr__(self) -> str:
+        return "2048"
+
+
+_DEFAULT_TILE = _DefaultTile(2048)
 
 
 class StreamingModule(fx.GraphModule):
@@ -92,7 +99,7 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
         True
     """
     tile_given = tile_size is not _DEFAULT_TILE
-    tile_size = 2048 if tile_size is _DEFAULT_TILE else tile_size
+    tile_size = int(tile_size) if tile_size is _DEFAULT_TILE else tile_size
     if input_shape is None:
         input_shape = _probe_shape(model, leaf_modules)
     analysis = analyze(model, input_shape, split=split, leaf_modules=leaf_modules)
