@@ -1,4 +1,4 @@
-"""One small test per rule family of ``passes/rules.py``: exact reasons, exact geometry.
+"""One small test per rule family of ``passes/rules/``: exact reasons, exact geometry.
 
 Each test traces a one- or two-op function of the image ``x`` and inspects the geometry of the
 node that produces the model output (``out(...)``), or the analysis rows.
