@@ -121,6 +121,12 @@ class StreamEngine(nn.Module):
         self.n_spatial = n_spatial
         self._plans: dict = {}
 
+    cuts: tuple = ()  # a one-segment stem: no cuts (see ChainEngine)
+
+    @property
+    def segments(self) -> tuple:
+        return (self,)
+
     # -- checks and plans -------------------------------------------------------------------
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):

@@ -90,10 +90,8 @@ def test_budget_analysis_and_runtime_agree(monkeypatch):
     a = fxstream.analyze(model, shape, memory_budget="3GiB")
     choice = a.budget_plan
     sm = fxstream.compile(model, input_shape=shape, memory_budget="3GiB")
-    cuts = getattr(sm.engine, "cuts", ())
-    assert cuts == choice.cuts
-    segments = getattr(sm.engine, "segments", [sm.engine])
-    assert tuple(seg.tile_size for seg in segments) == choice.segment_tiles
+    assert sm.engine.cuts == choice.cuts
+    assert tuple(seg.tile_size for seg in sm.engine.segments) == choice.segment_tiles
     assert choice.estimated_peak <= choice.budget
 
 
