@@ -373,7 +373,6 @@ def itemsize(analysis: Analysis) -> int:
 
 def activation_bytes(analysis: Analysis, input_shape, tile_lengths, itemsize):
     """Bytes of all stem activations on the whole image, and on one tile of the given size."""
-    gm = analysis.graph_module
     symbols = passes.input_symbols(len(input_shape) - 2)
     tile_values = dict(zip(symbols, tile_lengths))
     cache = {}

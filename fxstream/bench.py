@@ -45,7 +45,7 @@ from .errors import FxStreamError, SpecError, UnsupportedError
 
 VARIANTS = ("full", "streamed", "checkpoint")
 GRAD_FACTOR = 2  # full-image step memory ~ activations x this (stored maps, then their grads)
-BACKWARD_COST = 2  # backward ~ this x forward, for the streamed time floor
+BACKWARD_COST = 2  # backward ~ this x forward, for the streamed compute estimate
 
 
 # ---------------------------------------------------------------------------------------------

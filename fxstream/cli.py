@@ -21,18 +21,22 @@ SPEC_HELP = ("model SPEC: 'package.module:callable' (e.g. torchvision.models:res
              "are downloaded")
 
 
-def add_model_arguments(p, example_input: str) -> None:
-    """The arguments every model command shares: SPEC, --input, --split, --leaf, --train."""
+def add_model_arguments(p, example_input: str, several_inputs: bool = False,
+                        train: bool = True) -> None:
+    """The arguments the model commands share: SPEC, --input, --split, --leaf (and --train)."""
     p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    more = "; repeat for several sizes (--plot)" if several_inputs else ""
     p.add_argument("--input", required=True, metavar="NxCxHxW",
-                   help=f"input shape, sizes joined by 'x', e.g. {example_input}")
+                   action="append" if several_inputs else "store",
+                   help=f"input shape, sizes joined by 'x', e.g. {example_input}{more}")
     p.add_argument("--split", metavar="NAME",
                    help="node name or module qualname whose output becomes the boundary")
     p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
                    help="keep this submodule as one call when tracing (repeatable); for "
                         "submodules torch.fx cannot trace")
-    p.add_argument("--train", action="store_true",
-                   help="keep the model in train mode (default: eval mode)")
+    if train:
+        p.add_argument("--train", action="store_true",
+                       help="keep the model in train mode (default: eval mode)")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -170,17 +174,14 @@ def add_bench(subparsers) -> None:
                     "image, each variant in a fresh process, the variants interleaved over "
                     "--repeat rounds; report the median time, the peak memory (peak RSS on CPU, "
                     "torch.cuda.max_memory_allocated on CUDA) and its baseline after building "
-                    "model and image, the ratios to the full image, and the time floor the tile "
+                    "model and image, the ratios to the full image, and the compute estimate the "
                     "plan's redundancy implies. BatchNorm is frozen (eval statistics). A "
                     "full-image step estimated not to fit in available memory is not run.")
-    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--input", required=True, action="append", metavar="NxCxHxW",
-                   help="input shape, e.g. 1x3x4096x4096; repeat for several sizes (--plot)")
+    add_model_arguments(p, "1x3x4096x4096", several_inputs=True, train=False)
     p.add_argument("--tile", metavar="SIZE",
                    help="largest input tile of the streamed variant: 2048 or 2048x1024")
     p.add_argument("--budget", metavar="BYTES",
-                   help="memory budget of the streamed variant (8GiB), instead of --tile; needs "
-                        "a fxstream.compile that takes memory_budget=")
+                   help="memory budget of the streamed variant (8GiB), instead of --tile")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", help="dtype of model and image (float32)")
     p.add_argument("--repeat", type=int, default=3,
@@ -191,9 +192,6 @@ def add_bench(subparsers) -> None:
                         "which dominate on small images")
     p.add_argument("--variants", default="full,streamed,checkpoint",
                    help="comma-separated subset of full,streamed,checkpoint (default all)")
-    p.add_argument("--split", metavar="NAME", help="stream only up to this node or module")
-    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
-                   help="keep this submodule as one call when tracing (repeatable)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up on a run after this long (default: no limit)")
     p.add_argument("--force", action="store_true",

@@ -8,7 +8,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .geometry import GEOMETRY, Constant, Local, NonLocal, Symbolic
+from .geometry import GEOMETRY, Constant, Local, Symbolic
 
 _MISSING = object()
 

@@ -73,8 +73,8 @@ def batchnorm(ctx: RuleContext) -> Local:
     m = ctx.module
     if m.training or not m.track_running_stats or m.running_mean is None:
         raise NotLocal(
-            f"train-mode BatchNorm normalises with statistics over the batch and the whole image; "
-            f"call model.eval() or fxstream.freeze_batchnorm(model)",
+            "train-mode BatchNorm normalises with statistics over the batch and the whole image; "
+            "call model.eval() or fxstream.freeze_batchnorm(model)",
             kind="train_batchnorm",
         )
     _check_channel_params(ctx, local, "BatchNorm statistics")
