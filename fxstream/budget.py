@@ -21,11 +21,17 @@ import passes
 import sympy
 
 from .errors import PlanError
+from .hostmem import pool_enabled
 from .plan import AxisGeometry
 
 TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 MAX_CANDIDATES = 10
 TILE_GRAD_FACTOR = 1.5
+# the host memory pool (fxstream.hostmem) saves the page faults of a segment's tiles but its heap
+# holds more than the live tensors: measured on resnet18 at 4096^2, 1.11x to 1.17x the transient
+# estimate below (which is itself conservative without the pool)
+POOL_FACTOR = 1.2
+WHOLE_LAST_WORK = 0.75  # (F + B) / (F + F + B) with B = 2F
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
@@ -61,6 +67,7 @@ class PlanChoice:
     cuts: tuple[str, ...]
     tile_size: int  # of the first segment (the one that reads the image)
     segment_tiles: tuple[int, ...]  # one per segment, in each segment's own input pixels
+    segment_pool: tuple[bool, ...]  # per segment: its backward pools host memory (hostmem)
     estimated_peak: int
     stored_bytes: int
     work_ratio: float  # estimated stem work / full-image stem work (forward + backward)
@@ -181,7 +188,10 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
             # the backward streams segments in reverse: while segment j runs, the maps after
             # its input have been released and only the cut maps up to its input remain
             alive = fixed + sum(nodes[c].bytes for c in subset[:j])
-            options = [(c[0], -tile, c[1], c[2], tile) for tile in tiles
+            # a last segment in one tile runs once with grad, no recompute (StreamEngine.last):
+            # forward + backward instead of forward twice + backward, 3/4 of the streamed work
+            options = [(c[0] * (WHOLE_LAST_WORK if dst is None and c[3] == 1 else 1), -tile,
+                        c[1], c[2], tile, alive, c[3], c[4]) for tile in tiles
                        if (c := segment(src, dst, tile)) is not None]
             if not options:
                 break
@@ -205,19 +215,27 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
                         f"{tuple(input_shape)} (process baseline {baseline / 2**30:.2f} GiB "
                         f"included){need}")
     (work, _), subset, picks, peak, stored = best
+    # the pool's backward where its extra heap still fits (a lone tile has nothing to reuse)
+    pool = tuple(n_tiles > 1 and pool_enabled()
+                 and alive + total + (POOL_FACTOR - 1) * tile_mem <= budget
+                 for _, _, total, _, _, alive, n_tiles, tile_mem in picks)
+    peak = max([peak] + [p[5] + p[2] + (POOL_FACTOR - 1) * p[7]
+                         for p, on in zip(picks, pool) if on])
     return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=picks[0][4],
-                      segment_tiles=tuple(p[4] for p in picks), estimated_peak=peak,
+                      segment_tiles=tuple(p[4] for p in picks), segment_pool=pool,
+                      estimated_peak=peak,
                       stored_bytes=stored, work_ratio=round(work / full_work, 3),
                       segment_redundancy=tuple(round(p[3], 3) for p in picks), baseline=baseline)
 
 
 def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
-    """(work, transient peak bytes, redundancy) of streaming src -> dst, or None if no plan."""
+    """(work, transient peak bytes, redundancy, tiles, the tile part of the transient bytes) of
+    streaming src -> dst, or None if no plan."""
     done = ancestors(src) if src != image else {image}
     names = ancestors(dst) - done if dst is not None else set(stem) - done
     outs = [dst] if dst is not None else list(boundary.tensors)
     s = nodes[src]
-    red, frac = 1.0, 1.0
+    red, frac, n_tiles = 1.0, 1.0, 1
     for k, size in enumerate(s.sizes):
         geos = [AxisGeometry(nodes[o].stride[k] / s.stride[k],
                              (nodes[o].lo[k] - s.lo[k]) / s.stride[k],
@@ -232,12 +250,13 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
             return None
         red *= sum(sp.length for sp in plan.spans) / size
         frac *= min(plan.max_length, size) / size
+        n_tiles *= len(plan.spans)
     work = red * sum(nodes[n].cost for n in names)
     # a tile's saved activations plus the gradients alive during its backward (measured on
     # resnet18: about half the activations at once)
     tile_mem = TILE_GRAD_FACTOR * frac * sum(nodes[n].bytes for n in names)
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
-    return work, tile_mem + grads, red
+    return work, tile_mem + grads, red, n_tiles, tile_mem
 
 
 def _fit(size, align, geos, tile):

@@ -68,13 +68,17 @@ def _loss(outputs, weights):
 
 def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: float = 1e-10,
           split=None, leaf_modules=(), seed: int = 0, device="cpu", cuts=None,
-          memory_budget=None) -> CheckResult:
+          memory_budget=None, channels_last: bool = False, offload: bool = False,
+          image_on_host: bool = False) -> CheckResult:
     """Run full-image and streamed forward+backward with a random linear loss; compare.
 
     The model is deep-copied and cast to ``dtype`` (the caller's model is left alone); both runs
     use the same weights, image and loss. Returns a :class:`CheckResult` with one row for the
     output(s), one for the image gradient and one per parameter gradient. ``cuts`` and
     ``memory_budget`` are passed to :func:`fxstream.compile` (multi-cut plans).
+    ``channels_last`` stores the model and image channels-last (4-d images); ``offload`` keeps
+    cut maps on the host (CUDA); ``image_on_host`` leaves the streamed run's image on the CPU
+    with the model on ``device`` (tiles are then fetched ahead, see :mod:`fxstream.feeder`).
 
     Example:
         >>> import torch.nn as nn, fxstream.check as fc
@@ -82,17 +86,19 @@ def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: fl
         >>> fc.check(net, (1, 3, 40, 40), tile_size=16).passed
         True
     """
-    model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tuple(input_shape), generator=gen, dtype=dtype).to(device)
+    x = torch.randn(tuple(input_shape), generator=gen, dtype=dtype).to(device, memory_format=fmt)
     sm = compile_model(model, tile_size=tile_size, split=split, leaf_modules=leaf_modules,
-                       input_shape=tuple(input_shape), cuts=cuts, memory_budget=memory_budget)
+                       input_shape=tuple(input_shape), cuts=cuts, memory_budget=memory_budget,
+                       offload=offload)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def run(fn):
+    def run(fn, image=x):
         for _, p in params:
             p.grad = None
-        xi = x.clone().requires_grad_(True)
+        xi = image.clone().requires_grad_(True)
         torch.manual_seed(seed)
         outs = tensors_of(fn(xi))
         return outs, xi
@@ -102,11 +108,11 @@ def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: fl
     weights = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in full_outs]
     _loss(full_outs, weights).backward()
     full_grads = {n: None if p.grad is None else p.grad.clone() for n, p in params}
-    stream_outs, x_stream = run(sm)
+    stream_outs, x_stream = run(sm, x.cpu() if image_on_host else x)
     _loss(stream_outs, weights).backward()
     diffs = [diff(f"output[{i}]" if len(full_outs) > 1 else "output", s, f, tol)
              for i, (s, f) in enumerate(zip(stream_outs, full_outs))]
-    diffs.append(diff("input gradient", x_stream.grad, x_full.grad, tol))
+    diffs.append(diff("input gradient", x_stream.grad.to(x_full.device), x_full.grad, tol))
     diffs += [diff(n, p.grad, full_grads[n], tol) for n, p in params]
     return CheckResult(tuple(input_shape), tile_size, str(dtype), tol,
                        len(sm.engine.exec_plan(x).tiles), tuple(diffs))

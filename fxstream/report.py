@@ -231,6 +231,8 @@ def _budget(c) -> Group:
                  + " px per segment, in each segment's own input")
     grid.add_row("  redundancy", " / ".join(f"{r:.2f}×" for r in c.segment_redundancy)
                  + " per segment")
+    grid.add_row("  memory pool", " / ".join("yes" if on else "no" for on in c.segment_pool)
+                 + " per segment (backward reuses host pages across tiles)")
     grid.add_row("  stored maps", human_bytes(c.stored_bytes))
     grid.add_row("  peak memory", f"{human_bytes(c.estimated_peak)} estimated")
     grid.add_row("  work", f"{c.work_ratio:.2f}× the full-image stem's (estimated from MACs)")

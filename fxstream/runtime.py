@@ -8,40 +8,19 @@ gradients are summed over tiles and returned once (so DDP's hooks fire once).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import feeder, hostmem
 from .errors import UnsupportedError
 from .plan import TilePlan
 
 log = logging.getLogger(__name__)
-
-
-def _load_malloc_trim():
-    """glibc's ``malloc_trim``: gives freed heap pages back to the OS (None elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        return trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_host_memory(device) -> None:
-    """After a tile on the CPU: without this, glibc keeps the freed tile activations in its heap
-    and fragmentation across tiles of different shapes raised peak RSS by ~50% in our
-    measurements (resnet18, 2048x2048, tile 1024: 2.08 GiB vs 1.36 GiB)."""
-    if device.type == "cpu" and _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +60,13 @@ def lower_plan(plan: TilePlan, image_rank: int, boundary_dims, boundary_ranks) -
                 g_idx[dims[k]] = slice(g0, g1)
                 l_idx[dims[k]] = slice(l0, l1)
             outputs.append(None if empty else (tuple(g_idx), tuple(l_idx)))
-        tiles.append(TileSlices(tuple(image), tuple(s.start for s in spans), tuple(outputs)))
+        lengths = tuple(s.stop - s.start for s in spans)
+        tiles.append((lengths, TileSlices(tuple(image), tuple(s.start for s in spans),
+                                          tuple(outputs))))
+    # largest tiles first, equal shapes together: the host memory pool (hostmem) then grows once
+    # to the largest tile's working set and later tiles reuse it in the same pattern
+    tiles.sort(key=lambda t: (-math.prod(t[0]), t[0]))
+    tiles = [t for _, t in tiles]
     sizes = []
     for b in range(len(boundary_dims)):
         sizes.append(tuple(max(s.outputs[b][1] for s in plan.axes[k].spans)
@@ -90,10 +75,14 @@ def lower_plan(plan: TilePlan, image_rank: int, boundary_dims, boundary_ranks) -
 
 
 def _allocate(like: torch.Tensor, dims, sizes, device) -> torch.Tensor:
+    """A full-size boundary tensor shaped like the tile output ``like`` (same layout); pinned
+    when it is a host copy of a CUDA tensor."""
     shape = list(like.shape)
     for d, s in zip(dims, sizes):
         shape[d] = s
-    return torch.empty(shape, dtype=like.dtype, device=device)
+    pin = device.type == "cpu" and like.device.type == "cuda"
+    return torch.empty(shape, dtype=like.dtype, device=device, pin_memory=pin,
+                       memory_format=feeder.like_format(like))
 
 
 def _as_tuple(out):
@@ -108,9 +97,19 @@ class StreamEngine(nn.Module):
     """
 
     def __init__(self, stem: fx.GraphModule, planner, boundary_dims, boundary_ranks,
-                 boundary_names, batchnorms, channels: int, n_spatial: int, tile_size=None):
+                 boundary_names, batchnorms, channels: int, n_spatial: int, tile_size=None,
+                 pool_backward: bool = True):
         super().__init__()
         self.tile_size = tile_size
+        # whether the backward's tile loop pools host memory (fxstream.hostmem): faster, but the
+        # heap holds more than the live tensors; a memory budget may turn it off
+        self.pool_backward = pool_backward
+        # the last segment of the stem (set by compile): in one tile it runs without streaming
+        self.last = True
+        # with a CUDA stem: keep this segment's output map in pinned host memory (compile's
+        # ``offload``; never the last segment, whose outputs go to the head)
+        self.offload = False
+        self.cudnn_benchmark = True
         object.__setattr__(self, "stem", stem)
         object.__setattr__(self, "_batchnorms", tuple(batchnorms))
         self._planner = planner
@@ -165,36 +164,67 @@ class StreamEngine(nn.Module):
             return b.device
         return x.device
 
+    def store_device(self, device: torch.device) -> torch.device:
+        """Where this segment's outputs are kept: on the host when ``offload`` is set and the
+        stem runs on CUDA (a cut map read by the next segment), else on the stem's device."""
+        return torch.device("cpu") if self.offload and device.type == "cuda" else device
+
     def run_forward(self, x, plan: ExecPlan, rng_states=None):
         """Stream the stem over all tiles without grad; returns the boundary tensors."""
         device = self.stem_device(x)
         outs = [None] * len(self.boundary_dims)
-        for t, tile in enumerate(plan.tiles):
+        with hostmem.tile_pool(device, len(plan.tiles)), \
+                feeder.device_settings(device, self.cudnn_benchmark):
+            self._forward_tiles(x, plan, device, outs, rng_states)
+        return tuple(outs)
+
+    def _forward_tiles(self, x, plan, device, outs, rng_states):
+        store = self.store_device(device)
+        # iter_tiles copies each slice: the stem may start with an in-place op (ReLU(inplace=True)
+        # after a cut), which must not write into the image or a stored map shared by other tiles
+        for tile, xt in feeder.iter_tiles(x, plan.tiles, device, feeder.tile_format(x)):
             if rng_states is not None:
                 rng_states.append(_rng_state(device))
-            # a copy: the stem may start with an in-place op (ReLU(inplace=True) after a cut),
-            # which must not write into the image or a stored cut map shared by other tiles
-            xt = x[tile.image].to(device, non_blocking=True, copy=True)
             ys = _as_tuple(self.stem(xt))
             for b, y in enumerate(ys):
                 where = tile.outputs[b]
                 if where is None:
                     continue
                 if outs[b] is None:
-                    outs[b] = _allocate(y, self.boundary_dims[b], plan.sizes[b], device)
+                    with hostmem.long_lived():
+                        outs[b] = _allocate(y, self.boundary_dims[b], plan.sizes[b], store)
                 outs[b][where[0]] = y[where[1]]
             del ys, xt
-            release_host_memory(device)
-        return tuple(outs)
+            hostmem.release(device)
 
     def forward(self, x):
         self._check_input(x)
         plan = self.exec_plan(x)
         params = tuple(p for p in self.stem.parameters() if p.requires_grad)
         if torch.is_grad_enabled() and (x.requires_grad or params):
+            if self.last and len(plan.tiles) == 1:
+                return self._run_whole(x, plan)
             return StreamFunction.apply(self, plan, x, *params)
         with torch.no_grad():
             return self.run_forward(x, plan)
+
+    def _run_whole(self, x, plan: ExecPlan):
+        """The last segment in one tile: run it with grad, no streaming. Its activations stay
+        alive until the backward, which then needs no recompute; the peak is the same as the
+        streamed backward's, which recomputes them all anyway (only the head runs between)."""
+        (tile,) = plan.tiles
+        # a copy, as in the tile loops: an in-place first op must not write into x
+        xt = x[tile.image].to(self.stem_device(x), copy=True)
+        ys = _as_tuple(self.stem(xt.contiguous(memory_format=feeder.tile_format(x))))
+        outs = []
+        for b, y in enumerate(ys):
+            where = tile.outputs[b]
+            out = None if where is None else y[where[1]]
+            if out is None or tuple(out.shape[d] for d in self.boundary_dims[b]) != \
+                    plan.sizes[b]:
+                raise AssertionError(f"a one-tile plan does not cover boundary tensor {b}")
+            outs.append(out)
+        return tuple(outs)
 
 
 def _rng_state(device):
@@ -233,41 +263,54 @@ class StreamFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         (x,) = ctx.saved_tensors
-        engine, plan, device = ctx.engine, ctx.plan, ctx.device
-        params = ctx.params
-        param_grads = [None] * len(params)
+        param_grads = [None] * len(ctx.params)
         gx = torch.zeros_like(x) if ctx.x_requires_grad else None
-        enabled, dtype = ctx.autocast
-        for tile, state in zip(plan.tiles, ctx.rng):
-            xt = x[tile.image].detach().to(device, non_blocking=True, copy=True)
-            if gx is not None:
-                xt.requires_grad_(True)
-            with torch.enable_grad():
-                with _replay(state, device), torch.autocast(device.type, dtype=dtype,
-                                                            enabled=enabled):
-                    # in-place ops may not touch a leaf that requires grad: feed a clone
-                    ys = _as_tuple(engine.stem(xt.clone() if gx is not None else xt))
-                outs, gouts = [], []
-                for b, y in enumerate(ys):
-                    where = tile.outputs[b]
-                    if where is None or grads[b] is None:
-                        continue
-                    outs.append(y[where[1]])
-                    gouts.append(grads[b][where[0]].to(y.dtype))
-            if not outs:
-                continue
-            inputs = ([xt] if gx is not None else []) + list(params)
-            got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
-            if gx is not None:
-                gxt, got = got[0], got[1:]
-                if gxt is not None:
-                    gx[tile.image] += gxt.to(gx.device)
-            for i, g in enumerate(got):
-                if g is not None:
-                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-            del ys, outs, gouts, got, xt
-            release_host_memory(device)
+        tiles = len(ctx.plan.tiles) if ctx.engine.pool_backward else 1
+        with hostmem.tile_pool(ctx.device, tiles), \
+                feeder.device_settings(ctx.device, ctx.engine.cudnn_benchmark):
+            _backward_tiles(ctx, x, grads, gx, param_grads)
         return (None, None, gx, *param_grads)
+
+
+def _backward_tiles(ctx, x, grads, gx, param_grads):
+    """Recompute each tile with grad and back-propagate its slice of ``grads``; accumulates into
+    ``gx`` and ``param_grads`` in place."""
+    engine, plan, device, params = ctx.engine, ctx.plan, ctx.device, ctx.params
+    enabled, dtype = ctx.autocast
+    tiles = feeder.iter_tiles(x.detach(), plan.tiles, device, feeder.tile_format(x))
+    for (tile, xt), state in zip(tiles, ctx.rng):
+        if gx is not None:
+            xt.requires_grad_(True)
+        with torch.enable_grad():
+            with _replay(state, device), torch.autocast(device.type, dtype=dtype,
+                                                        enabled=enabled):
+                # in-place ops may not touch a leaf that requires grad: feed a clone
+                ys = _as_tuple(engine.stem(xt.clone() if gx is not None else xt))
+            outs, gouts = [], []
+            for b, y in enumerate(ys):
+                where = tile.outputs[b]
+                if where is None or grads[b] is None:
+                    continue
+                outs.append(y[where[1]])
+                gouts.append(grads[b][where[0]].to(device=y.device, dtype=y.dtype))
+        if not outs:
+            continue
+        inputs = ([xt] if gx is not None else []) + list(params)
+        got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+        if gx is not None:
+            gxt, got = got[0], got[1:]
+            if gxt is not None:
+                gx[tile.image] += gxt.to(gx.device)
+        for i, g in enumerate(got):
+            if g is None:
+                continue
+            if param_grads[i] is None:
+                with hostmem.long_lived():
+                    param_grads[i] = g.clone()
+            else:
+                param_grads[i] += g
+        del ys, outs, gouts, got, xt
+        hostmem.release(device)
 
 
 class ChainEngine(nn.Module):

@@ -70,7 +70,8 @@ def _resolve(model, target: str):
 
 
 def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
-            leaf_modules=(), input_shape=None, cuts=None, memory_budget=None) -> StreamingModule:
+            leaf_modules=(), input_shape=None, cuts=None, memory_budget=None,
+            offload: bool = False) -> StreamingModule:
     """Compile ``model`` into a :class:`StreamingModule` that streams its local stem.
 
     Args:
@@ -86,7 +87,12 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
             tiles' overlap nearly vanishes at the price of storing those maps (a multi-cut plan).
         memory_budget: bytes or a string like ``"8GiB"``: choose the cuts and tile size that
             minimise the estimated work under this peak memory (``input_shape`` should then be
-            the real one). An explicit ``tile_size`` or ``cuts`` is kept.
+            the real one). An explicit ``tile_size`` or ``cuts`` is kept. On the CPU the budget
+            is the process's peak resident memory; for a model on CUDA it is the device's peak
+            allocated memory (``torch.cuda.max_memory_allocated``), from what is allocated now.
+        offload: with the model on CUDA, keep the stored cut maps of a multi-cut plan (and their
+            gradients) in pinned host memory; each segment then fetches its tiles from there,
+            the next tile's copy overlapping the current tile's compute.
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
 
@@ -110,14 +116,15 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
         from .budget import choose_plan
 
         choice = choose_plan(analysis, input_shape, memory_budget,
-                             tile_size=tile_size if tile_given else None, cuts=cuts)
-        cuts, tiles = choice.cuts, choice.segment_tiles
+                             tile_size=tile_size if tile_given else None, cuts=cuts,
+                             baseline=_device_baseline(model))
+        cuts, tiles, pools = choice.cuts, choice.segment_tiles, choice.segment_pool
     cut_names = resolve_cuts(analysis, cuts or ())
     segments = split_stem(gm.graph, boundary, cut_names)
     if memory_budget is None:
-        tiles = [tile_size] * len(segments)
+        tiles, pools = [tile_size] * len(segments), [True] * len(segments)
     engines = []
-    for (source, names, outputs), tile_size in zip(segments, tiles):
+    for (source, names, outputs), tile_size, pool in zip(segments, tiles, pools):
         graph = build_segment_graph(gm.graph, source, names, outputs)
         stem = fx.GraphModule(gm, graph, "Stem")
         if len(segments) == 1:
@@ -127,10 +134,22 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
             seg_analysis = analyze(stem, shape, leaf_modules=leaf_modules)
             out = next(n for n in seg_analysis.graph_module.graph.nodes if n.op == "output")
             order = tuple(a.name for a in out.args[0])
-        engines.append(_engine(stem, seg_analysis, order, tile_size))
+        engines.append(_engine(stem, seg_analysis, order, tile_size, pool))
+    for e in engines[:-1]:
+        e.last, e.offload = False, bool(offload)
     engine = engines[0] if len(engines) == 1 else ChainEngine(engines, cut_names)
     head = build_head_graph(gm.graph, boundary)
     return StreamingModule(model, head, engine, analysis)
+
+
+def _device_baseline(model: nn.Module):
+    """For a model on CUDA, the memory already allocated there (the budget's baseline); None on
+    the CPU (the process's resident memory is used)."""
+    for p in model.parameters():
+        if p.device.type == "cuda":
+            return torch.cuda.memory_allocated(p.device)
+        break
+    return None
 
 
 def stem_boundary(analysis: Analysis) -> passes.Boundary:
@@ -162,7 +181,8 @@ def resolve_cuts(analysis: Analysis, cuts) -> tuple[str, ...]:
     return tuple(sorted(set(names), key=order.__getitem__))
 
 
-def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size) -> StreamEngine:
+def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size,
+            pool: bool = True) -> StreamEngine:
     """A :class:`StreamEngine` over one segment, planned from that segment's own geometry."""
     nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
     dims = [nodes[b].meta[GEOMETRY].dims for b in outputs]
@@ -177,7 +197,7 @@ def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size) -> Str
 
     planner(tuple(input_shape))  # fail early on a bad tile_size
     return StreamEngine(stem, planner, dims, ranks, tuple(outputs), batchnorms,
-                        input_shape[1], len(input_shape) - 2, tile_size)
+                        input_shape[1], len(input_shape) - 2, tile_size, pool_backward=pool)
 
 
 def _probe_shape(model, leaf_modules):

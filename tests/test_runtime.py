@@ -210,3 +210,17 @@ def test_cpu_image_cuda_stem():
     net.zero_grad()
     net(ref_x).sum().backward()
     assert (x.grad.cuda() - ref_x.grad).abs().max() / ref_x.grad.abs().max() < 1e-10
+
+
+def test_channels_last_model_gets_channels_last_tiles_and_stays_exact():
+    seen = []
+    net = small_net()
+
+    def record(module, args):
+        if not args[0].is_meta:  # shape propagation runs on the meta device
+            seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    net[0].register_forward_pre_hook(record)
+    result = check(net, (1, 3, 48, 40), 20, channels_last=True)
+    assert result.num_tiles > 1 and result.passed, [d for d in result.diffs if not d.ok]
+    assert seen and all(seen)

@@ -1,0 +1,83 @@
+"""Each tile's input on the stem's device, and the device settings of the tile loops.
+
+On the CPU, or when the image already lives on the stem's device, a tile is a copy of a slice
+(a copy because the stem may begin with an in-place op). For a host image and a CUDA stem the
+next tile is fetched while the current one computes: its slice is gathered into pinned host
+memory and copied on a side stream, and the compute stream waits on that copy's event only when
+it needs the tile.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def tile_format(x: torch.Tensor):
+    """``torch.channels_last`` for a 4-d image stored channels-last, else contiguous format:
+    tiles follow the layout of the image (so a channels-last model gets channels-last tiles)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def like_format(y: torch.Tensor):
+    """The memory format to store a copy of ``y`` in (channels-last stays channels-last)."""
+    return tile_format(y)
+
+
+def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguous_format
+               ) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yield ``(tile, input)`` for every tile, the input a fresh tensor on ``device``."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        yield from _prefetched(x, tiles, device, fmt)
+        return
+    for tile in tiles:
+        yield tile, x[tile.image].to(device, copy=True).contiguous(memory_format=fmt)
+
+
+def _prefetched(x, tiles, device, fmt):
+    side = torch.cuda.Stream(device)
+    compute = torch.cuda.current_stream(device)
+
+    def fetch(tile):
+        src = x[tile.image]
+        # pinned: the host->device copy is asynchronous; the caching host allocator keeps the
+        # buffer until that copy has finished, even after it is dropped here
+        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True, memory_format=fmt)
+        staged.copy_(src)
+        with torch.cuda.stream(side):
+            out = staged.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    upcoming = fetch(tiles[0]) if tiles else None
+    for i, tile in enumerate(tiles):
+        out, done = upcoming
+        if i + 1 < len(tiles):  # queue the next copy before this tile's kernels
+            upcoming = fetch(tiles[i + 1])
+        compute.wait_event(done)
+        out.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        yield tile, out
+
+
+@contextlib.contextmanager
+def device_settings(device: torch.device, benchmark: bool = True):
+    """cuDNN autotuning in the tile loops: tiles repeat a few shapes, so each shape is tuned once
+    and reused. The user's other cuDNN flags are kept; nothing changes on the CPU."""
+    if device.type != "cuda" or not benchmark:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark
+    cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        cudnn.benchmark = before
+
+
+__all__ = ["device_settings", "iter_tiles", "like_format", "tile_format"]

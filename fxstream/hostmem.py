@@ -1,0 +1,108 @@
+"""Host memory in the CPU tile loops: reuse pages across tiles instead of re-faulting them.
+
+PyTorch's CPU tensors come from glibc ``malloc``. Allocations above glibc's mmap threshold are
+mapped on every allocation and unmapped on every free, so each tile touches (and the kernel
+zeroes) fresh pages for all its activations. Measured on ResNet-18 at 4096² (2 cores): 6.7
+million page faults and 15 s of system time in a 44 s streamed training step.
+
+Inside a tile loop, :func:`tile_pool` makes malloc serve every allocation up to 32 MiB (glibc's
+largest mmap threshold) from its heap and keep what is freed, so the next tile, of the same or a
+similar shape, reuses the same pages. Tensors that outlive the loop (stored cut maps, gradient
+accumulators) are allocated under :func:`long_lived`, with the default threshold, so they are
+mapped and do not pin the heap. When the loop ends the heap is trimmed, which returns the pool's
+pages to the OS.
+
+The price is fragmentation: the heap holds more than the live tensors at a tile's peak (about
+1.2x the transient tile memory in our ResNet measurements; :mod:`fxstream.budget` plans with it).
+Tile lists are sorted largest first (see :func:`fxstream.runtime.lower_plan`) so the heap grows
+once.
+
+Only glibc on Linux is affected; elsewhere (and for CUDA tiles) these are no-ops. Set
+``FXSTREAM_HOST_POOL=0`` to turn the pool off (each tile then ends with ``malloc_trim``, the
+behaviour before the pool; useful to measure what the pool buys).
+
+The switch is process-wide while a loop runs. After the first loop glibc's automatic mmap
+threshold stays at its 128 KiB default (mallopt turns the automatic adjustment off).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+_POOL_MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit
+_KEEP_ALL = 2**31 - 1  # mallopt takes an int
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+_lock = threading.Lock()
+_depth = 0
+
+
+def pool_enabled() -> bool:
+    """Whether the tile loops pool host memory (glibc present, not turned off by the env)."""
+    return _LIBC is not None and os.environ.get("FXSTREAM_HOST_POOL", "1") != "0"
+
+
+def release(device) -> None:
+    """Return freed heap pages to the OS (after a tile, when the pool is off)."""
+    if device.type == "cpu" and _LIBC is not None and not pool_enabled():
+        _LIBC.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def tile_pool(device, tiles: int = 2):
+    """Run a loop over ``tiles`` tiles with malloc keeping freed memory for reuse (see module
+    doc). One tile has nothing to reuse: no pool then."""
+    global _depth
+    if device.type != "cpu" or tiles < 2 or not pool_enabled():
+        yield
+        return
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, _POOL_MMAP_THRESHOLD)
+            _LIBC.mallopt(_M_TRIM_THRESHOLD, _KEEP_ALL)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _LIBC.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+                _LIBC.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                _LIBC.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def long_lived():
+    """Allocate tensors that outlive the tile loop with the default mmap threshold (so they are
+    mapped and don't pin the pooled heap)."""
+    with _lock:
+        pooled = _depth > 0
+        if pooled:
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if pooled:
+            with _lock:
+                if _depth > 0:
+                    _LIBC.mallopt(_M_MMAP_THRESHOLD, _POOL_MMAP_THRESHOLD)
+
+
+__all__ = ["long_lived", "pool_enabled", "release", "tile_pool"]

@@ -1,0 +1,73 @@
+"""The CUDA path: prefetched host tiles, cut maps offloaded to the host, cuDNN autotuning,
+channels-last and bfloat16 autocast. Skipped without a GPU."""
+import pytest
+import torch
+import torchvision
+
+import fxstream
+from fxstream.check import check
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).eval()
+
+
+def _bad(result):
+    return [d for d in result.diffs if not d.ok]
+
+
+def test_host_image_prefetched_tiles_exact():
+    result = check(resnet18(), (1, 3, 192, 160), 128, device="cuda", image_on_host=True)
+    assert result.num_tiles > 1 and not _bad(result), _bad(result)
+
+
+def test_offloaded_cut_maps_exact():
+    result = check(resnet18(), (1, 3, 192, 160), 64, device="cuda", image_on_host=True,
+                   cuts=["maxpool", "layer2"], offload=True)
+    assert not _bad(result), _bad(result)
+
+
+def test_offloaded_maps_live_on_the_host():
+    model = resnet18().cuda()
+    sm = fxstream.compile(model, tile_size=64, input_shape=(1, 3, 192, 160),
+                          cuts=["layer1"], offload=True)
+    first = sm.engine.segments[0]
+    with torch.no_grad():
+        (stored,) = first(torch.randn(1, 3, 192, 160))
+    assert stored.device.type == "cpu" and stored.is_pinned()
+
+
+def test_cudnn_benchmark_is_restored():
+    torch.backends.cudnn.benchmark = False
+    model = resnet18().cuda()
+    sm = fxstream.compile(model, tile_size=128, input_shape=(1, 3, 192, 160))
+    sm(torch.randn(1, 3, 192, 160, device="cuda")).sum().backward()
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_channels_last_exact_on_cuda():
+    result = check(resnet18(), (1, 3, 192, 160), 128, device="cuda", channels_last=True)
+    assert not _bad(result), _bad(result)
+
+
+def test_bfloat16_autocast_close_to_full_image():
+    model = resnet18().cuda()
+    x = torch.randn(1, 3, 192, 160, device="cuda")
+    sm = fxstream.compile(model, tile_size=128, input_shape=x.shape)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        full, streamed = model(x), sm(x)
+        streamed.float().sum().backward()
+    assert streamed.dtype == full.dtype
+    assert (streamed.float() - full.float()).abs().max() <= 0.05 * full.float().abs().max()
+
+
+def test_memory_budget_uses_device_memory():
+    model = resnet18().cuda()
+    sm = fxstream.compile(model, input_shape=(1, 3, 1024, 1024), memory_budget="1GiB")
+    torch.cuda.reset_peak_memory_stats()
+    x = torch.randn(1, 3, 1024, 1024)
+    sm(x).sum().backward()
+    assert torch.cuda.max_memory_allocated() <= 2**30

@@ -1,0 +1,119 @@
+"""The host memory pool of the CPU tile loops, tile order, and the one-tile last segment."""
+import pytest
+import torch
+import torchvision
+
+import fxstream
+from fxstream import hostmem
+from fxstream.budget import choose_plan
+from fxstream.check import check
+from fxstream.runtime import StreamFunction
+
+glibc = pytest.mark.skipif(not hostmem.pool_enabled(), reason="needs glibc malloc")
+MiB = 2**20
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).eval()
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@glibc
+def test_pool_keeps_freed_pages_inside_and_returns_them_after():
+    before = rss()
+    with hostmem.tile_pool(torch.device("cpu"), tiles=2):
+        chunks = [torch.ones(2 * MiB) for _ in range(24)]  # 8 MiB each: heap, not mmap
+        del chunks
+        inside = rss()
+    after = rss()
+    assert inside - before > 120 * MiB, "freed pages should stay in the pool"
+    assert after - before < 40 * MiB, "leaving the pool should return them"
+
+
+@glibc
+def test_long_lived_tensors_do_not_pin_the_pool():
+    before = rss()
+    with hostmem.tile_pool(torch.device("cpu"), tiles=2):
+        with hostmem.long_lived():
+            kept = torch.ones(2 * MiB)  # mapped on its own
+        scratch = [torch.ones(2 * MiB) for _ in range(16)]
+        del scratch
+    after = rss()
+    assert after - before < 8 * MiB + 40 * MiB
+    assert kept.sum().item() == 2 * MiB
+
+
+def _grads(sm, x):
+    sm.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    out = sm(xx)
+    out.sum().backward()
+    return [out.detach(), xx.grad] + [p.grad.clone() for p in sm.parameters()]
+
+
+def test_pool_on_and_off_give_identical_results(monkeypatch):
+    model = resnet18().double()
+    x = torch.randn(1, 3, 160, 136, dtype=torch.float64)
+    sm = fxstream.compile(model, tile_size=64, input_shape=x.shape, cuts=["layer1"])
+    assert len(sm.engine.segments[0].exec_plan(x).tiles) > 1
+    pooled = _grads(sm, x)
+    monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
+    assert not hostmem.pool_enabled()
+    plain = _grads(sm, x)
+    for a, b in zip(pooled, plain):
+        assert torch.equal(a, b)
+
+
+def test_tiles_run_largest_first_and_cover_the_plan():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                              torch.nn.AdaptiveAvgPool2d(1))
+    sm = fxstream.compile(net, tile_size=32, input_shape=(1, 3, 100, 70))
+    plan = sm.plan((1, 3, 100, 70))
+    sizes = [(t.image[2].stop - t.image[2].start) * (t.image[3].stop - t.image[3].start)
+             for t in plan.tiles]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    raster = sorted(tuple(s.start for s in spans) for spans in plan.plan.tiles())
+    assert sorted(t.starts for t in plan.tiles) == raster
+
+
+def test_last_one_tile_segment_runs_without_recompute():
+    """After the cut at layer4.0's add (followed by ReLU(inplace=True)) the last segment is one
+    tile: it runs with grad directly, earlier segments stream, and all stays exact."""
+    model = resnet18()
+    shape = (1, 3, 512, 448)
+    sm = fxstream.compile(model, tile_size=384, input_shape=shape, cuts=["add_6"])
+    first, last = sm.engine.segments
+    x = torch.randn(shape)
+    with torch.no_grad():
+        stored = first(x)[0]
+    assert len(first.exec_plan(x).tiles) > 1 and len(last.exec_plan(stored).tiles) == 1
+    assert not first.last and last.last
+    y = last(stored.clone().requires_grad_(True))[0]
+    assert "StreamFunction" not in type(y.grad_fn).__name__
+    assert type(first(x.requires_grad_(True))[0].grad_fn).__name__ == \
+        StreamFunction.__name__ + "Backward"
+    kept = stored.clone()
+    last(stored)
+    assert torch.equal(stored, kept), "the in-place ReLU must not write into the stored map"
+    result = check(resnet18(), shape, 384, cuts=["add_6"])
+    assert not [d for d in result.diffs if not d.ok]
+
+
+def test_budget_decides_the_pool_per_segment(monkeypatch):
+    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)
+    model = resnet18()
+    shape = (1, 3, 4096, 4096)
+    a = fxstream.analyze(model, shape)
+    choice = choose_plan(a, shape, "2.6GiB")
+    assert len(choice.segment_pool) == len(choice.segment_tiles)
+    assert choice.estimated_peak <= choice.budget
+    sm = fxstream.compile(model, input_shape=shape, memory_budget="2.6GiB")
+    assert tuple(s.pool_backward for s in sm.engine.segments) == choice.segment_pool
+    monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
+    assert not any(choose_plan(a, shape, "2.6GiB").segment_pool)
