@@ -136,6 +136,7 @@ class BenchResult:
     memory_kind: str  # "peak RSS" | "CUDA max_memory_allocated"
     available_bytes: int
     sizes: tuple[SizeResult, ...]
+    options: tuple[str, ...] = ()  # channels-last, autocast, offload as given
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -158,6 +159,9 @@ class BenchConfig:
     leaf_modules: tuple[str, ...] = ()
     timeout: float | None = None
     force: bool = False
+    channels_last: bool = False  # model and image channels-last (every variant)
+    autocast: str | None = None  # "bfloat16" / "float16": the step under torch.autocast
+    offload: bool = False  # CUDA streamed variant: image and cut maps in host memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +218,13 @@ def check_config(cfg: BenchConfig) -> None:
         raise SpecError(f"bad --device {cfg.device!r}: expected cpu, cuda or cuda:N")
     if not cfg.input_shapes:
         raise SpecError("--input is required, e.g. --input 1x3x4096x4096")
+    if cfg.channels_last and any(len(s) != 4 for s in cfg.input_shapes):
+        raise SpecError("--channels-last needs 4-d inputs (N, C, H, W)")
+    if cfg.autocast is not None and cfg.autocast not in ("bfloat16", "float16"):
+        raise SpecError(f"--autocast {cfg.autocast!r}: expected bfloat16 or float16")
+    if cfg.offload and not cfg.device.startswith("cuda"):
+        raise SpecError("--offload keeps the image and cut maps on the host while the model "
+                        "runs on CUDA: it needs --device cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +447,13 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
         spec=cfg.spec, device=cfg.device, dtype=cfg.dtype, tile_size=cfg.tile_size,
         budget_bytes=cfg.budget_bytes, repeat=cfg.repeat, warmup=cfg.warmup,
         memory_kind="CUDA max_memory_allocated" if cfg.device.startswith("cuda") else "peak RSS",
-        available_bytes=available, sizes=tuple(results))
+        available_bytes=available, sizes=tuple(results), options=_options(cfg))
+
+
+def _options(cfg: BenchConfig) -> tuple[str, ...]:
+    return tuple(o for o in ("channels-last" if cfg.channels_last else None,
+                             f"autocast {cfg.autocast}" if cfg.autocast else None,
+                             "offload" if cfg.offload else None) if o)
 
 
 def _torch_dtype(name: str):
@@ -450,7 +467,8 @@ def _child_config(cfg: BenchConfig, variant, shape, stages) -> dict:
     return dict(spec=cfg.spec, variant=variant, shape=list(shape), dtype=cfg.dtype,
                 device=cfg.device, tile_size=cfg.tile_size, budget_bytes=cfg.budget_bytes,
                 split=cfg.split, leaf_modules=list(cfg.leaf_modules), stages=list(stages),
-                warmup=cfg.warmup)
+                warmup=cfg.warmup, channels_last=cfg.channels_last, autocast=cfg.autocast,
+                offload=cfg.offload)
 
 
 def run_child(config: dict, variant: str, repeat: int, timeout=None) -> Run:
@@ -595,13 +613,19 @@ def child_step(config: dict) -> dict:
     dtype = _torch_dtype(config["dtype"])
     shape = tuple(config["shape"])
     variant = config["variant"]
+    fmt = torch.channels_last if config.get("channels_last") else torch.contiguous_format
+    amp = _torch_dtype(config["autocast"]) if config.get("autocast") else None
     torch.manual_seed(0)
-    model = freeze_batchnorm(load_model(config["spec"])).to(device=device, dtype=dtype)
+    model = freeze_batchnorm(load_model(config["spec"])).to(device=device, dtype=dtype,
+                                                            memory_format=fmt)
     model.train()
-    x = torch.randn(shape, dtype=dtype, device=device)
+    x = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
     extra = {}
     if variant == "streamed":
         kwargs = {}
+        if config.get("offload"):
+            kwargs["offload"] = True
+            x = x.cpu()
         if config["budget_bytes"] is not None:
             kwargs["memory_budget"] = config["budget_bytes"]
         if config["tile_size"] is not None:
@@ -624,7 +648,8 @@ def child_step(config: dict) -> dict:
     def step():
         for p in params:
             p.grad = None
-        loss = sum(o.float().sum() for o in tensors_of(model(x)))
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = sum(o.float().sum() for o in tensors_of(model(x)))
         loss.backward()
         return float(loss.detach())
 
@@ -685,8 +710,9 @@ def render_bench(result: BenchResult, console) -> None:
 
     tile = (f"tile {_axes(result.tile_size)}" if result.tile_size is not None
             else f"budget {human_bytes(result.budget_bytes)}" if result.budget_bytes else "")
-    console.print(Text(f"fxstream bench {result.spec}  {result.dtype} on {result.device}  {tile}"
-                       f"  {result.repeat} run(s) per variant, each a fresh process",
+    options = "".join(f", {o}" for o in result.options)
+    console.print(Text(f"fxstream bench {result.spec}  {result.dtype}{options} on {result.device}"
+                       f"  {tile}  {result.repeat} run(s) per variant, each a fresh process",
                        style="bold"))
     console.print(f"memory: {result.memory_kind}; baseline = after building model and image; "
                   f"{human_bytes(result.available_bytes)} available")

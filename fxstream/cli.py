@@ -150,7 +150,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tile_size=parse_tile(args.tile) if args.tile is not None else None,
         budget_bytes=parse_budget(args.budget) if args.budget is not None else None,
         device=args.device, dtype=args.dtype, repeat=args.repeat, warmup=args.warmup,
-        split=args.split, leaf_modules=tuple(args.leaf), timeout=args.timeout, force=args.force)
+        split=args.split, leaf_modules=tuple(args.leaf), timeout=args.timeout, force=args.force,
+        channels_last=args.channels_last, autocast=args.autocast, offload=args.offload)
     check_config(cfg)
     if args.plot:
         check_plot_available()
@@ -196,6 +197,13 @@ def add_bench(subparsers) -> None:
                    help="give up on a run after this long (default: no limit)")
     p.add_argument("--force", action="store_true",
                    help="run the full image even when it is estimated not to fit")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and image in channels-last memory format (every variant)")
+    p.add_argument("--autocast", metavar="DTYPE", choices=("bfloat16", "float16"),
+                   help="run each step under torch.autocast with this dtype (every variant)")
+    p.add_argument("--offload", action="store_true",
+                   help="with --device cuda: the streamed variant keeps the image and its cut "
+                        "maps in pinned host memory, fetching tiles ahead of the compute")
     p.add_argument("--plot", metavar="PNG",
                    help="draw peak memory and time against image size (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -160,6 +160,9 @@ def _no_child(*args, **kwargs):
     (["--tile", "32", "--device", "tpu"], "bad --device 'tpu'"),
     (["--tile", "32", "--repeat", "0"], "--repeat must be >= 1"),
     (["--tile", "4"], "tile_size 4 is too small"),
+    (["--tile", "32", "--offload"], "--offload keeps the image and cut maps on the host"),
+    (["--tile", "32", "--input", "1x3x64", "--channels-last"],
+     "--channels-last needs 4-d inputs"),
 ])
 def test_bad_options_exit_2_with_one_line(tiny_spec, monkeypatch, extra, message):
     monkeypatch.setattr(fb, "run_child", _no_child)
@@ -333,3 +336,19 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "bench.png"
     fb.plot_bench(_result(), str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("options", [dict(channels_last=True), dict(autocast="bfloat16")])
+def test_child_step_options_apply_to_both_variants(tiny_spec, options):
+    """channels-last and autocast change how every variant runs, not what it computes."""
+    base = dict(spec=tiny_spec, shape=[1, 3, 64, 64], dtype="float32", device="cpu",
+                tile_size=32, budget_bytes=None, split=None, leaf_modules=[], stages=[],
+                warmup=0, **options)
+    full = fb.child_step(dict(base, variant="full"))
+    streamed = fb.child_step(dict(base, variant="streamed"))
+    plain = fb.child_step(dict(base, variant="full", channels_last=False, autocast=None))
+    tol = 1e-4 if "channels_last" in options else 5e-2
+    assert abs(full["loss"] - streamed["loss"]) <= tol * abs(full["loss"])
+    assert abs(full["loss"] - plain["loss"]) <= tol * abs(full["loss"])
+    if "autocast" in options:
+        assert full["loss"] != plain["loss"]  # bfloat16 rounding shows: autocast was on
