@@ -5,8 +5,9 @@ level (stage entries and exits). For every subset of them, the forward holds eve
 map at once; the backward streams the segments in reverse, so while segment j runs only the cut
 maps up to its input are alive, beside its transient memory: one tile's activations and
 gradients plus the gradients of its input and output maps. Each segment then takes, independently, the tile size with the least work (MACs
-of its layers times the redundancy of its tile plan on its own input map) within that bound.
-The subset with the least total work wins (ties: fewer cuts).
+of its layers times the redundancy of its tile plan on its own input map) within that bound,
+with or without the host memory pool (fxstream.hostmem: faster, more memory; its absence is
+charged as measured). The subset with the least total cost wins (ties: fewer cuts).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from fractions import Fraction
 
 import passes
@@ -26,11 +28,16 @@ from .plan import AxisGeometry
 
 TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 MAX_CANDIDATES = 10
-TILE_GRAD_FACTOR = 1.5
+# a tile's transient memory ~ this x its share of the segment's activations: calibrated on
+# resnet18/34 at 4096^2 (measured 0.55x to 1.3x of the plain share per segment)
+TILE_GRAD_FACTOR = 1.3
 # the host memory pool (fxstream.hostmem) saves the page faults of a segment's tiles but its heap
-# holds more than the live tensors: measured on resnet18 at 4096^2, 1.11x to 1.17x the transient
-# estimate below (which is itself conservative without the pool)
-POOL_FACTOR = 1.2
+# holds more than the live tensors: up to ~1.5x the tile part of the estimate (resnet18, 4096^2)
+POOL_FACTOR = 1.5
+# without the pool a many-tile segment's backward re-faults every tile's pages: measured on
+# resnet18 at 4096^2 (2 cores), its first segment took 1.33x as long in the backward and 1.4x in
+# the forward; the forward always pools (its heap is small), so about 1.25x over the segment
+NO_POOL_PENALTY = 1.25
 WHOLE_LAST_WORK = 0.75  # (F + B) / (F + F + B) with B = 2F
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
@@ -188,44 +195,63 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
             # the backward streams segments in reverse: while segment j runs, the maps after
             # its input have been released and only the cut maps up to its input remain
             alive = fixed + sum(nodes[c].bytes for c in subset[:j])
-            # a last segment in one tile runs once with grad, no recompute (StreamEngine.last):
-            # forward + backward instead of forward twice + backward, 3/4 of the streamed work
-            options = [(c[0] * (WHOLE_LAST_WORK if dst is None and c[3] == 1 else 1), -tile,
-                        c[1], c[2], tile, alive, c[3], c[4]) for tile in tiles
-                       if (c := segment(src, dst, tile)) is not None]
+            options = [o for tile in tiles for o in _options(segment(src, dst, tile), tile,
+                                                             last=dst is None)]
             if not options:
                 break
-            least = alive + min(o[2] for o in options)
+            least = alive + min(o.mem for o in options)
             smallest_peak = least if smallest_peak is None else min(smallest_peak, least)
-            fitting = [o for o in options if alive + o[2] <= budget]
+            fitting = [o for o in options if alive + o.mem <= budget]
             if not fitting:
                 break
-            picks.append(min(fitting))  # least work, then the largest tile
-            peaks.append(alive + picks[-1][2])
+            picks.append(min(fitting))  # least cost, then the largest tile, then less memory
+            peaks.append(alive + picks[-1].mem)
         else:
-            peak = max(peaks)
-            work = sum(p[0] for p in picks)
-            key = (work, len(subset))
+            cost = sum(p.cost for p in picks)
+            key = (cost, len(subset))
             if best is None or key < best[0]:
-                best = (key, subset, picks, peak, stored)
+                best = (key, subset, picks, max(peaks), stored)
     if best is None:
         need = f"; the smallest estimated peak is {smallest_peak / 2**30:.2f} GiB" \
             if smallest_peak else ""
         raise PlanError(f"no plan fits a memory budget of {budget / 2**30:.2f} GiB for input "
                         f"{tuple(input_shape)} (process baseline {baseline / 2**30:.2f} GiB "
                         f"included){need}")
-    (work, _), subset, picks, peak, stored = best
-    # the pool's backward where its extra heap still fits (a lone tile has nothing to reuse)
-    pool = tuple(n_tiles > 1 and pool_enabled()
-                 and alive + total + (POOL_FACTOR - 1) * tile_mem <= budget
-                 for _, _, total, _, _, alive, n_tiles, tile_mem in picks)
-    peak = max([peak] + [p[5] + p[2] + (POOL_FACTOR - 1) * p[7]
-                         for p, on in zip(picks, pool) if on])
-    return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=picks[0][4],
-                      segment_tiles=tuple(p[4] for p in picks), segment_pool=pool,
-                      estimated_peak=peak,
-                      stored_bytes=stored, work_ratio=round(work / full_work, 3),
-                      segment_redundancy=tuple(round(p[3], 3) for p in picks), baseline=baseline)
+    _, subset, picks, peak, stored = best
+    return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=picks[0].tile,
+                      segment_tiles=tuple(p.tile for p in picks),
+                      segment_pool=tuple(p.pool for p in picks), estimated_peak=peak,
+                      stored_bytes=stored,
+                      work_ratio=round(sum(p.work for p in picks) / full_work, 3),
+                      segment_redundancy=tuple(round(p.redundancy, 3) for p in picks),
+                      baseline=baseline)
+
+
+class _Option(NamedTuple):
+    """One way to run a segment: ordered by cost, then the larger tile, then less memory."""
+
+    cost: float  # work, weighted by what the measurements say it costs in time
+    neg_tile: int
+    mem: float  # transient peak bytes
+    redundancy: float
+    tile: int
+    pool: bool
+    work: float  # MACs x redundancy (x 3/4 for a one-tile last segment)
+
+
+def _options(cost, tile: int, last: bool) -> list[_Option]:
+    """The segment in tiles of ``tile`` with and without the host memory pool."""
+    if cost is None:
+        return []
+    work, mem, red, n_tiles, tile_mem = cost
+    if last and n_tiles == 1:
+        # runs once with grad, no recompute (StreamEngine.last): forward + backward instead of
+        # forward twice + backward
+        work *= WHOLE_LAST_WORK
+    if n_tiles == 1 or not pool_enabled():
+        return [_Option(work, -tile, mem, red, tile, False, work)]
+    return [_Option(work, -tile, mem + (POOL_FACTOR - 1) * tile_mem, red, tile, True, work),
+            _Option(work * NO_POOL_PENALTY, -tile, mem, red, tile, False, work)]
 
 
 def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
