@@ -565,9 +565,10 @@ def streaming_floor(redundancy: float, full: VariantResult | None = None,
                     checkpoint: VariantResult | None = None, multi_cut: bool = False) -> Floor:
     """The time the plan implies if every FLOP cost the same: ``4r/3`` x the full-image step.
 
-    Measured: ResNet-18 at 4096² under a quarter budget ran at 1.09x the full step against an
-    estimate of 1.45x, because the full step's large working set runs slower per FLOP; so this
-    is an estimate for comparing plans, not a lower bound.
+    Measured: ResNet-18 at 4096² under a quarter budget ran at 0.95x to 1.35x the full step
+    (depending on how costly the machine's page faults were that hour) against an estimate of
+    1.4x, because the full step's large working set faults and misses caches more per FLOP; so
+    this is an estimate for comparing plans, not a lower bound.
 
     The streamed step runs the stem's forward twice (without grad to fill the boundary, then
     again with grad per tile) and its backward once, each over tiles that cover ``r`` times the
