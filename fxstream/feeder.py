@@ -15,17 +15,13 @@ import torch
 
 
 def tile_format(x: torch.Tensor):
-    """``torch.channels_last`` for a 4-d image stored channels-last, else contiguous format:
-    tiles follow the layout of the image (so a channels-last model gets channels-last tiles)."""
+    """``torch.channels_last`` for a 4-d tensor stored channels-last, else contiguous format:
+    tiles follow the layout of the image (so a channels-last model gets channels-last tiles), and
+    stored maps that of the tile outputs."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def like_format(y: torch.Tensor):
-    """The memory format to store a copy of ``y`` in (channels-last stays channels-last)."""
-    return tile_format(y)
 
 
 def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguous_format
@@ -80,4 +76,4 @@ def device_settings(device: torch.device, benchmark: bool = True):
         cudnn.benchmark = before
 
 
-__all__ = ["device_settings", "iter_tiles", "like_format", "tile_format"]
+__all__ = ["device_settings", "iter_tiles", "tile_format"]

@@ -59,8 +59,9 @@ def pool_enabled() -> bool:
 
 
 def release(device) -> None:
-    """Return freed heap pages to the OS (after a tile, when the pool is off)."""
-    if device.type == "cpu" and _LIBC is not None and not pool_enabled():
+    """After a tile outside the pool (turned off, or not chosen for this loop): return freed heap
+    pages to the OS, so fragmentation across tiles of different shapes does not accumulate."""
+    if device.type == "cpu" and _LIBC is not None and _depth == 0:
         _LIBC.malloc_trim(0)
 
 

@@ -82,7 +82,7 @@ def _allocate(like: torch.Tensor, dims, sizes, device) -> torch.Tensor:
         shape[d] = s
     pin = device.type == "cpu" and like.device.type == "cuda"
     return torch.empty(shape, dtype=like.dtype, device=device, pin_memory=pin,
-                       memory_format=feeder.like_format(like))
+                       memory_format=feeder.tile_format(like))
 
 
 def _as_tuple(out):
