@@ -31,7 +31,12 @@ def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguou
         yield from _prefetched(x, tiles, device, fmt)
         return
     for tile in tiles:
-        yield tile, x[tile.image].to(device, copy=True).contiguous(memory_format=fmt)
+        yield tile, copy_tile(x, tile, device, fmt)
+
+
+def copy_tile(x: torch.Tensor, tile, device: torch.device, fmt=torch.contiguous_format):
+    """A fresh (differentiable) copy of one tile's slice of ``x`` on ``device`` in ``fmt``."""
+    return x[tile.image].to(device, copy=True).contiguous(memory_format=fmt)
 
 
 def _prefetched(x, tiles, device, fmt):
@@ -76,4 +81,4 @@ def device_settings(device: torch.device, benchmark: bool = True):
         cudnn.benchmark = before
 
 
-__all__ = ["device_settings", "iter_tiles", "tile_format"]
+__all__ = ["copy_tile", "device_settings", "iter_tiles", "tile_format"]

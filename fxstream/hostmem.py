@@ -9,8 +9,8 @@ Inside a tile loop, :func:`tile_pool` makes malloc serve every allocation up to 
 largest mmap threshold) from its heap and keep what is freed, so the next tile, of the same or a
 similar shape, reuses the same pages. Tensors that outlive the loop (stored cut maps, gradient
 accumulators) are allocated under :func:`long_lived`, with the default threshold, so they are
-mapped and do not pin the heap. When the loop ends the heap is trimmed, which returns the pool's
-pages to the OS.
+mapped and do not pin the heap (unless a free heap chunk already fits them). When the loop
+ends the heap is trimmed, which returns the pool's pages to the OS.
 
 The price is fragmentation: the heap holds more than the live tensors at a tile's peak (about
 1.2x the transient tile memory in our ResNet measurements; :mod:`fxstream.budget` plans with it).
@@ -91,8 +91,10 @@ def tile_pool(device, tiles: int = 2):
 
 @contextlib.contextmanager
 def long_lived():
-    """Allocate tensors that outlive the tile loop with the default mmap threshold (so they are
-    mapped and don't pin the pooled heap)."""
+    """Allocate tensors that outlive the tile loop with the default mmap threshold, so they are
+    mapped and don't pin the pooled heap. Best effort: glibc still serves them from a free heap
+    chunk that fits, if one exists (the trim at the loop's end returns the free pages around
+    them either way)."""
     with _lock:
         pooled = _depth > 0
         if pooled:

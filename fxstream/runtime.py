@@ -214,8 +214,8 @@ class StreamEngine(nn.Module):
         streamed backward's, which recomputes them all anyway (only the head runs between)."""
         (tile,) = plan.tiles
         # a copy, as in the tile loops: an in-place first op must not write into x
-        xt = x[tile.image].to(self.stem_device(x), copy=True)
-        ys = _as_tuple(self.stem(xt.contiguous(memory_format=feeder.tile_format(x))))
+        xt = feeder.copy_tile(x, tile, self.stem_device(x), feeder.tile_format(x))
+        ys = _as_tuple(self.stem(xt))
         outs = []
         for b, y in enumerate(ys):
             where = tile.outputs[b]
