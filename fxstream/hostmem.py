@@ -13,7 +13,8 @@ mapped and do not pin the heap (unless a free heap chunk already fits them). Whe
 ends the heap is trimmed, which returns the pool's pages to the OS.
 
 The price is fragmentation: the heap holds more than the live tensors at a tile's peak (about
-1.2x the transient tile memory in our ResNet measurements; :mod:`fxstream.budget` plans with it).
+1.5x the tile part of the transient estimate in our ResNet measurements; :mod:`fxstream.budget`
+plans with it).
 Tile lists are sorted largest first (see :func:`fxstream.runtime.lower_plan`) so the heap grows
 once.
 
