@@ -47,7 +47,9 @@ def _prefetched(x, tiles, device, fmt):
         src = x[tile.image]
         # pinned: the host->device copy is asynchronous; the caching host allocator keeps the
         # buffer until that copy has finished, even after it is dropped here
-        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True, memory_format=fmt)
+        # on the host whatever torch's default device is (pinning applies to CPU tensors only)
+        staged = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=True,
+                             memory_format=fmt)
         staged.copy_(src)
         with torch.cuda.stream(side):
             out = staged.to(device, non_blocking=True)

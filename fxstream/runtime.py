@@ -112,6 +112,9 @@ class StreamEngine(nn.Module):
         self.cudnn_benchmark = True
         object.__setattr__(self, "stem", stem)
         object.__setattr__(self, "_batchnorms", tuple(batchnorms))
+        # the other segments' stems in a multi-cut chain (set by ChainEngine): where a segment
+        # without parameters or buffers runs
+        object.__setattr__(self, "_peers", ())
         self._planner = planner
         self.boundary_dims = tuple(tuple(d) for d in boundary_dims)
         self.boundary_ranks = tuple(boundary_ranks)
@@ -158,10 +161,14 @@ class StreamEngine(nn.Module):
 
     # -- running ----------------------------------------------------------------------------
     def stem_device(self, x):
-        for p in self.stem.parameters():
-            return p.device
-        for b in self.stem.buffers():
-            return b.device
+        """The device of this segment's parameters (else buffers); a segment with neither (a
+        lone pooling layer between cuts) runs where the rest of its chain does, not where its
+        input is (an offloaded cut map is on the host); else the input's device."""
+        for stem in (self.stem, *self._peers):
+            for p in stem.parameters():
+                return p.device
+            for b in stem.buffers():
+                return b.device
         return x.device
 
     def store_device(self, device: torch.device) -> torch.device:
@@ -321,6 +328,8 @@ class ChainEngine(nn.Module):
         super().__init__()
         self.segments = nn.ModuleList(engines)
         self.cuts = tuple(cuts)
+        for e in engines:
+            object.__setattr__(e, "_peers", tuple(o.stem for o in engines if o is not e))
 
     def forward(self, x):
         for engine in self.segments[:-1]:

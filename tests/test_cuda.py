@@ -30,6 +30,16 @@ def test_offloaded_cut_maps_exact():
     assert not _bad(result), _bad(result)
 
 
+def test_offloaded_map_into_a_segment_without_parameters_exact():
+    """The last segment is a lone max-pool: it must run on CUDA, not on the host map's device
+    (its output feeds the head's Linear on CUDA)."""
+    from .test_multicut import pool_after_cut_net
+
+    result = check(pool_after_cut_net(), (1, 3, 64, 64), 16, device="cuda", cuts=["1"],
+                   offload=True)
+    assert not _bad(result), _bad(result)
+
+
 def test_offloaded_maps_live_on_the_host():
     model = resnet18().cuda()
     sm = fxstream.compile(model, tile_size=64, input_shape=(1, 3, 192, 160),

@@ -71,6 +71,25 @@ def test_multicut_segments_tile_their_own_inputs():
         assert (sm(x) - sm.analysis.graph_module(x)).abs().max() < 1e-4
 
 
+def pool_after_cut_net():
+    """Its last segment after a cut at the ReLU is a lone max-pool: no parameters, no buffers."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 2))
+
+
+def test_segment_without_parameters_runs_on_the_chains_device():
+    """Not on its input's: an offloaded cut map lies on the host while the model is on CUDA."""
+    sm = fxstream.compile(pool_after_cut_net(), tile_size=16, input_shape=(1, 3, 40, 40),
+                          cuts=["1"])
+    last = sm.engine.segments[-1]
+    assert not list(last.stem.parameters()) and not list(last.stem.buffers())
+    assert last.stem_device(torch.empty(1, 4, 40, 40, device="meta")) == torch.device("cpu")
+    result = check(pool_after_cut_net(), (1, 3, 40, 40), 16, cuts=["1"])
+    assert not [d for d in result.diffs if not d.ok]
+
+
 @pytest.mark.parametrize("text,expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20),
                                            ("1.5GB", 1_500_000_000), (2**20, 2**20)])
 def test_parse_bytes(text, expected):
