@@ -17,7 +17,8 @@ drifts of the machine's load hit them alike. The variants:
   such as ``nn.ReLU(inplace=True)`` run as is; see :func:`checkpoint_stages`).
 
 Memory is the process's peak RSS on CPU (``ru_maxrss``) and ``torch.cuda.max_memory_allocated``
-on CUDA; the baseline is the same measure after the model and the image are built. A full-image
+on CUDA; the baseline is the same measure after the model and the image are built (the image
+after ``compile``, as a training loop loads it). A full-image
 step whose estimated memory exceeds what is available is reported as such and not run.
 
 Compute, then render: :func:`bench` returns a :class:`BenchResult`; :func:`render_bench`,
@@ -425,7 +426,8 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
         if cfg.budget_bytes is not None and "streamed" in cfg.variants:
             from .budget import choose_plan
 
-            choice = choose_plan(analysis, shape, cfg.budget_bytes)
+            choice = choose_plan(analysis, shape, cfg.budget_bytes,
+                                 host_pool=cfg.device == "cpu")
         prepared.append((shape, analysis, acts, estimate, stages, unsupported, choice))
     # 2. the runs: fresh processes, variants interleaved within each repeat
     results = []
@@ -622,13 +624,13 @@ def child_step(config: dict) -> dict:
     model = freeze_batchnorm(load_model(config["spec"])).to(device=device, dtype=dtype,
                                                             memory_format=fmt)
     model.train()
-    x = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
     extra = {}
+    image_device = device
     if variant == "streamed":
         kwargs = {}
         if config.get("offload"):
             kwargs["offload"] = True
-            x = x.cpu()
+            image_device = torch.device("cpu")
         if config["budget_bytes"] is not None:
             kwargs["memory_budget"] = config["budget_bytes"]
         if config["tile_size"] is not None:
@@ -646,6 +648,9 @@ def child_step(config: dict) -> dict:
             extra.update(num_tiles=plan.num_tiles, redundancy=round(plan.redundancy, 4))
     elif variant == "checkpoint":
         apply_checkpoint(model, config["stages"])
+    # the image comes after compile, as in a training loop that loads one per step: compile's
+    # budget counts one image on top of the memory in use when it runs
+    x = torch.randn(shape, dtype=dtype, device=image_device).contiguous(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():

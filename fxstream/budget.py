@@ -1,18 +1,20 @@
 """Choosing cuts and a tile size under a memory budget (DESIGN section 5).
 
-Candidates are the stem's valid cut points, thinned to the first and last of each stride
-level (stage entries and exits). For every subset of them, the forward holds every cut's full
-map at once; the backward streams the segments in reverse, so while segment j runs only the cut
-maps up to its input are alive, beside its transient memory: one tile's activations and
-gradients plus the gradients of its input and output maps. Each segment then takes, independently, the tile size with the least work (MACs
-of its layers times the redundancy of its tile plan on its own input map) within that bound,
-with or without the host memory pool (fxstream.hostmem: faster, more memory; its absence is
-charged as measured). The subset with the least total cost wins (ties: fewer cuts). Estimates
-must stay under 95% of the budget (BUDGET_MARGIN).
+Candidates are the stem's valid cut points (all of them up to MAX_CANDIDATES, else thinned
+evenly within each stride level). The forward holds every cut's full map at once; the backward
+streams the segments in reverse, so while segment j runs only what the segments before it hold
+is alive (their cut maps, and the graphs of those that keep theirs), beside its transient memory:
+one tile's activations and gradients plus the gradients of its input and output maps. A
+segment's options are every tile size (work: the MACs of its layers times the redundancy of its
+tile plan on its own input map), with or without the host memory pool (fxstream.hostmem: faster,
+more memory; its absence is charged as measured), and, in one tile, keeping its graph for the
+backward (no recompute; its activations held until then). Each cut also costs the passes over
+its map (CUT_WORK). The least-cost plan is a shortest path over the cut points
+(:func:`_search`; ties: fewer cuts). Estimates must stay under 95% of the budget
+(BUDGET_MARGIN).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -28,7 +30,7 @@ from .hostmem import pool_enabled
 from .plan import AxisGeometry
 
 TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-MAX_CANDIDATES = 10
+MAX_CANDIDATES = 40  # the search is quadratic in them
 # a tile's transient memory ~ this x its share of the segment's activations: calibrated on
 # resnet18/34 at 4096^2 (measured 0.55x to 1.3x of the plain share per segment)
 TILE_GRAD_FACTOR = 1.3
@@ -43,6 +45,10 @@ NO_POOL_PENALTY = 1.25
 # estimate (resnet18 at 2048^2 with two pooled segments)
 BUDGET_MARGIN = 0.95
 WHOLE_LAST_WORK = 0.75  # (F + B) / (F + F + B) with B = 2F
+# a cut's own work, per element of its map, in MAC units: the map is written, copied into tiles,
+# and its gradient zeroed and accumulated (memory-bound passes, each ~ a few MACs per element
+# at the speed of a convolution): it keeps the search from cuts that save less than they cost
+CUT_WORK = 32
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
@@ -79,6 +85,9 @@ class PlanChoice:
     tile_size: int  # of the first segment (the one that reads the image)
     segment_tiles: tuple[int, ...]  # one per segment, in each segment's own input pixels
     segment_pool: tuple[bool, ...]  # per segment: its backward pools host memory (hostmem)
+    # per segment: it runs in one tile with grad and keeps its graph for the backward (no
+    # recompute); its activations stay alive until then
+    segment_keep: tuple[bool, ...]
     estimated_peak: int
     stored_bytes: int
     work_ratio: float  # estimated stem work / full-image stem work (forward + backward)
@@ -95,6 +104,7 @@ class _Node:
     lo: tuple
     hi: tuple
     sizes: tuple
+    numel: int = 0
 
 
 def _nodes(analysis) -> dict[str, _Node]:
@@ -116,7 +126,7 @@ def _nodes(analysis) -> dict[str, _Node]:
                                tuple(_f(a.stride) for a in g.axes),
                                tuple(_f(sympy.sympify(a.lo).subs(values)) for a in g.axes),
                                tuple(_f(sympy.sympify(a.hi).subs(values)) for a in g.axes),
-                               tuple(shape[d] for d in g.dims))
+                               tuple(shape[d] for d in g.dims), numel)
     return out
 
 
@@ -126,25 +136,41 @@ def _f(x) -> Fraction:
 
 
 def _thin(candidates, nodes) -> list[str]:
-    """First and last candidate of each stride level, at most MAX_CANDIDATES."""
+    """At most MAX_CANDIDATES cut candidates: all of them if there are few enough, else the
+    first and last of each stride level (stage entries and exits) and evenly spaced ones
+    between, the same share of each level."""
+    if len(candidates) <= MAX_CANDIDATES:
+        return list(candidates)
     by_stride = {}
     for c in candidates:
         by_stride.setdefault(nodes[c].stride, []).append(c)
-    keep = []
+    keep = set()
     for group in by_stride.values():
-        keep += [group[0]] if len(group) == 1 else [group[0], group[-1]]
+        keep |= {group[0], group[-1]}
+    spare = MAX_CANDIDATES - len(keep)
+    if spare > 0:
+        inner = sum(max(len(g) - 2, 0) for g in by_stride.values())
+        for group in by_stride.values():
+            n = min(len(group) - 2, spare * (len(group) - 2) // inner) if inner else 0
+            for j in range(1, n + 1):
+                keep.add(group[round(j * (len(group) - 1) / (n + 1))])
     order = {c: i for i, c in enumerate(candidates)}
-    keep = sorted(set(keep), key=order.__getitem__)
+    keep = sorted(keep, key=order.__getitem__)
     while len(keep) > MAX_CANDIDATES:  # drop the largest maps first: they are the costly cuts
         keep.remove(max(keep[:-1], key=lambda c: nodes[c].bytes))
     return keep
 
 
 def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
-                baseline: int | None = None) -> PlanChoice:
+                baseline: int | None = None, host_pool: bool | None = None,
+                keep_graphs: bool = True) -> PlanChoice:
     """Cuts and tile size with the least estimated work under ``budget`` (see module doc).
 
-    ``tile_size``/``cuts`` fix that part of the plan. Raises :class:`PlanError` when nothing fits.
+    ``tile_size``/``cuts`` fix that part of the plan. ``host_pool``: whether segments may pool
+    host memory (fxstream.hostmem; default: unless ``FXSTREAM_HOST_POOL=0``); pass False for a
+    stem on CUDA, where the pool does nothing and its cost and gain do not apply.
+    ``keep_graphs``: whether a one-tile segment may keep its graph for the backward instead of
+    recomputing it (not with offloaded maps). Raises :class:`PlanError` when nothing fits.
     """
     from .streaming import resolve_cuts, stem_boundary
 
@@ -166,10 +192,10 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
         return before[c]
 
     if cuts is not None:
-        subsets = [resolve_cuts(analysis, cuts)]
+        chain, consecutive = list(resolve_cuts(analysis, cuts)), True
     else:
-        cands = _thin(list(passes.cut_candidates(gm.graph, boundary)), nodes)
-        subsets = [c for r in range(len(cands) + 1) for c in itertools.combinations(cands, r)]
+        chain = _thin(list(passes.cut_candidates(gm.graph, boundary)), nodes)
+        consecutive = False
     tiles = [tile_size] if tile_size is not None else [
         t for t in TILE_OPTIONS if t <= 2 * max(input_shape[2:])] or [TILE_OPTIONS[0]]
     image = next(n for n in gm.graph.nodes if n.op == "placeholder").name
@@ -178,59 +204,115 @@ def choose_plan(analysis, input_shape, budget, tile_size=None, cuts=None,
     fixed = baseline + sum(p.numel() * p.element_size() for p in gm.parameters()) \
         + nodes[image].bytes + sum(nodes[b].bytes for b in boundary.tensors)
     full_work = sum(n.cost for n in nodes.values())
+    pooled = pool_enabled() if host_pool is None else host_pool and pool_enabled()
     seg_cache = {}
 
-    def segment(src, dst, tile):
-        key = (src, dst, tile)
+    def options(src, dst):
+        """Every way to run the segment src -> dst (None: to the boundary)."""
+        key = (src, dst)
         if key not in seg_cache:
-            seg_cache[key] = _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary,
-                                           image)
+            found, whole = [], None
+            for tile in sorted(tiles):
+                # a tile that already covers the input in one: larger ones plan the same
+                cost = whole or _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary,
+                                              image)
+                if cost is not None and cost[3] == 1:
+                    whole = cost
+                found += _options(cost, tile, dst is None, pooled, keep_graphs)
+            seg_cache[key] = found
         return seg_cache[key]
 
-    best = None
-    smallest_peak = None
-    for subset in subsets:
-        stored = sum(nodes[c].bytes for c in subset)
-        if fixed + stored > limit:  # the forward holds every cut's map at once
-            smallest_peak = fixed + stored if smallest_peak is None else \
-                min(smallest_peak, fixed + stored)
-            continue
-        picks, peaks = [], [fixed + stored]
-        for j, (src, dst) in enumerate(zip([image, *subset], [*subset, None])):
-            # the backward streams segments in reverse: while segment j runs, the maps after
-            # its input have been released and only the cut maps up to its input remain
-            alive = fixed + sum(nodes[c].bytes for c in subset[:j])
-            options = [o for tile in tiles for o in _options(segment(src, dst, tile), tile,
-                                                             last=dst is None)]
-            if not options:
-                break
-            least = alive + min(o.mem for o in options)
-            smallest_peak = least if smallest_peak is None else min(smallest_peak, least)
-            fitting = [o for o in options if alive + o.mem <= limit]
-            if not fitting:
-                break
-            picks.append(min(fitting))  # least cost, then the largest tile, then less memory
-            peaks.append(alive + picks[-1].mem)
-        else:
-            cost = sum(p.cost for p in picks)
-            key = (cost, len(subset))
-            if best is None or key < best[0]:
-                best = (key, subset, picks, max(peaks), stored)
+    points = [image, *chain]
+    best = _search(points, nodes, fixed, limit, options, consecutive)
     if best is None:
+        least = _search(points, nodes, fixed, None, options, consecutive)
+        smallest_peak = least.peak if least is not None else None
         need = (f"; the smallest estimated peak is {smallest_peak / 2**30:.2f} GiB, so the "
                 f"budget must be at least {smallest_peak / BUDGET_MARGIN / 2**30:.2f} GiB (plans "
                 f"keep {1 - BUDGET_MARGIN:.0%} in reserve)") if smallest_peak else ""
         raise PlanError(f"no plan fits a memory budget of {budget / 2**30:.2f} GiB for input "
                         f"{tuple(input_shape)} (process baseline {baseline / 2**30:.2f} GiB "
                         f"included){need}")
-    _, subset, picks, peak, stored = best
+    subset, picks, peak = best.cuts, best.picks, best.peak
+    stored = sum(nodes[c].bytes for c in subset)
     return PlanChoice(budget=budget, cuts=tuple(subset), tile_size=picks[0].tile,
                       segment_tiles=tuple(p.tile for p in picks),
-                      segment_pool=tuple(p.pool for p in picks), estimated_peak=peak,
+                      segment_pool=tuple(p.pool for p in picks),
+                      segment_keep=tuple(p.keep for p in picks), estimated_peak=peak,
                       stored_bytes=stored,
                       work_ratio=round(sum(p.work for p in picks) / full_work, 3),
                       segment_redundancy=tuple(round(p.redundancy, 3) for p in picks),
                       baseline=baseline)
+
+
+class _State(NamedTuple):
+    """A partial plan: the image streamed up to its last cut."""
+
+    held: float  # bytes held from the forward until later backwards: cut maps, kept graphs
+    value: tuple  # (cost, number of cuts): what the search minimises
+    peak: float  # the largest estimated peak so far
+    cuts: tuple
+    picks: tuple  # one _Option per segment
+
+
+def _search(points, nodes, fixed, limit, options, consecutive):
+    """The least-cost chain of segments image -> cuts -> boundary (a shortest path over the cut
+    points, ``points[0]`` the image), or with ``limit=None`` the one with the least estimated
+    peak. What a segment holds from the forward until the backward (its output map, its graph if
+    it keeps it) is alive in every later segment; a segment's backward holds ``fixed``, what the
+    segments before it hold and its own transient memory; the forward ends holding all of it.
+    Partial plans at a cut are kept while no other one holds less and costs less (what they hold
+    is all that couples segments), so every cut point can be a candidate. ``consecutive``: the
+    cuts are given, take them all."""
+    least_peak = limit is None
+    end = len(points)
+    frontier = [[] for _ in points] + [[]]  # the last slot: complete plans
+    frontier[0].append(_State(0.0, (0.0, 0), float(fixed), (), ()))
+    for i in range(end):
+        states = _pareto(frontier[i], least_peak)
+        targets = [i + 1] if consecutive else range(i + 1, end + 1)
+        for state in states:
+            alive = fixed + state.held
+            for k in targets:
+                dst = points[k] if k < end else None
+                out = nodes[dst].bytes if dst is not None else 0
+                opts = options(points[i], dst)
+                if least_peak:  # keeping a graph only adds memory
+                    opts = [o for o in opts if not o.keep or dst is None]
+                    picks = [min(opts, key=lambda o: (o.mem, o))] if opts else []
+                else:
+                    opts = [o for o in opts
+                            if alive + o.mem <= limit and alive + out + o.held <= limit]
+                    if not opts:
+                        continue
+                    # the cheapest way, and the cheapest that does not keep its graph
+                    picks = {min(opts), min((o for o in opts if not o.keep), default=None)}
+                for pick in picks:
+                    if pick is None:
+                        continue
+                    held = state.held + out + pick.held
+                    peak = max(state.peak, alive + pick.mem, fixed + held)
+                    cuts = state.cuts + ((dst,) if dst is not None else ())
+                    value = (state.value[0] + pick.cost
+                             + (CUT_WORK * nodes[dst].numel if dst is not None else 0),
+                             len(cuts))
+                    frontier[k].append(_State(held, value, peak, cuts, state.picks + (pick,)))
+    done = frontier[end]
+    if not done:
+        return None
+    return min(done, key=(lambda st: (st.peak, st.value)) if least_peak else
+               (lambda st: (st.value, st.peak)))
+
+
+def _pareto(states, least_peak):
+    """The states no other one beats in both stored bytes and value (or peak)."""
+    score = (lambda st: (st.peak, st.value)) if least_peak else (lambda st: (st.value, st.peak))
+    kept, best = [], None
+    for st in sorted(states, key=lambda st: (st.held, score(st))):
+        if best is None or score(st) < best:
+            kept.append(st)
+            best = score(st)
+    return kept
 
 
 class _Option(NamedTuple):
@@ -242,27 +324,38 @@ class _Option(NamedTuple):
     redundancy: float
     tile: int
     pool: bool
-    work: float  # MACs x redundancy (x 3/4 for a one-tile last segment)
+    work: float  # MACs x redundancy (x 3/4 for a one-tile segment that keeps its graph)
+    keep: bool = False  # one tile, run with grad, graph kept for the backward (no recompute)
+    held: float = 0.0  # bytes it holds beyond its output map until its backward (a kept graph)
 
 
-def _options(cost, tile: int, last: bool) -> list[_Option]:
-    """The segment in tiles of ``tile`` with and without the host memory pool."""
+def _options(cost, tile: int, last: bool, pooled: bool, keep_graphs: bool = True
+             ) -> list[_Option]:
+    """The segment in tiles of ``tile``: with and without the host memory pool (``pooled``:
+    whether pooling is possible at all; without it no penalty applies), or in one tile keeping
+    its graph (always for the last segment: nothing runs after it but the head)."""
     if cost is None:
         return []
-    work, mem, red, n_tiles, tile_mem = cost
-    if last and n_tiles == 1:
-        # runs once with grad, no recompute (StreamEngine.last): forward + backward instead of
-        # forward twice + backward
-        work *= WHOLE_LAST_WORK
-    if n_tiles == 1 or not pool_enabled():
+    work, mem, red, n_tiles, tile_mem, graph = cost
+    if n_tiles == 1:
+        # kept: runs once with grad (forward + backward instead of forward twice + backward);
+        # the backward's peak is the same as a recompute's
+        kept = _Option(work * WHOLE_LAST_WORK, -tile, mem, red, tile, False,
+                       work * WHOLE_LAST_WORK, True, 0.0 if last else graph)
+        if last:
+            return [kept]
+        plain = _Option(work, -tile, mem, red, tile, False, work)
+        return [plain, kept] if keep_graphs else [plain]
+    if not pooled:
         return [_Option(work, -tile, mem, red, tile, False, work)]
     return [_Option(work, -tile, mem + (POOL_FACTOR - 1) * tile_mem, red, tile, True, work),
             _Option(work * NO_POOL_PENALTY, -tile, mem, red, tile, False, work)]
 
 
 def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
-    """(work, transient peak bytes, redundancy, tiles, the tile part of the transient bytes) of
-    streaming src -> dst, or None if no plan."""
+    """(work, transient peak bytes, redundancy, tiles, the tile part of the transient bytes,
+    the bytes a kept graph of the whole segment holds) of streaming src -> dst, or None if no
+    plan."""
     done = ancestors(src) if src != image else {image}
     names = ancestors(dst) - done if dst is not None else set(stem) - done
     outs = [dst] if dst is not None else list(boundary.tensors)
@@ -288,7 +381,11 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
     # resnet18: about half the activations at once)
     tile_mem = TILE_GRAD_FACTOR * frac * sum(nodes[n].bytes for n in names)
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
-    return work, tile_mem + grads, red, n_tiles, tile_mem
+    # a kept graph: every activation (in-place ones over-counted: the safe side) and the copy of
+    # the input the segment runs on; its outputs are the stored map, counted apart
+    graph = sum(nodes[n].bytes for n in names) + nodes[src].bytes \
+        - sum(nodes[o].bytes for o in outs)
+    return work, tile_mem + grads, red, n_tiles, tile_mem, graph
 
 
 def _fit(size, align, geos, tile):

@@ -8,6 +8,7 @@ value, such as a U-Net's pad amount, is the same in every tile as in the image).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -110,15 +111,17 @@ def plan_axis(size: int, align: int, geos: list[AxisGeometry], step: int | None)
     return AxisPlan(size, align, tuple(s for s in spans if s is not None))
 
 
+@functools.lru_cache(maxsize=65536)
 def _max_length(size, align, geos, step) -> int:
     """An estimate of ``plan_axis(...).max_length`` for long axes: interior tiles are translates
-    of each other (steps are multiples of the alignment), so the first two, a middle one and the
-    last two usually cover every distinct length; short axes (up to 256 tiles) are measured
-    whole. ``_plan_one_axis`` verifies the plan it returns."""
+    of each other (steps are multiples of the alignment), so the first four, a middle one and the
+    last four cover every distinct length; short axes (up to 16 tiles) are measured whole.
+    ``_plan_one_axis`` verifies the plan it returns. Cached: the budget planner asks for the same
+    axes again and again (``geos`` a tuple)."""
     cuts = _cuts(size, step)
     n = len(cuts) - 1
     lengths = [0]
-    sample = range(n) if n <= 256 else {0, 1, n // 2, n - 2, n - 1}
+    sample = range(n) if n <= 16 else {0, 1, 2, 3, n // 2, n - 4, n - 3, n - 2, n - 1}
     for t in sorted(set(sample) & set(range(n))):
         span = _span(size, align, geos, cuts[t], cuts[t + 1], t == n - 1)
         if span is not None:
@@ -160,11 +163,12 @@ def plan_tiles(sizes, align, geos_per_axis, tile_size) -> TilePlan:
 
 def smallest_tile(sizes, align, geos_per_axis) -> tuple[int, ...]:
     """Per axis, the smallest legal ``tile_size``: one alignment step of outputs per tile."""
-    return tuple(_max_length(sizes[k], align[k], geos_per_axis[k], align[k])
+    return tuple(_max_length(sizes[k], align[k], tuple(geos_per_axis[k]), align[k])
                  for k in range(len(sizes)))
 
 
 def _plan_one_axis(k, size, align, geos, tile):
+    geos = tuple(geos)
     if tile is None or _max_length(size, align, geos, None) <= tile:
         return plan_axis(size, align, geos, None)
     smallest = _max_length(size, align, geos, align)

@@ -233,6 +233,8 @@ def _budget(c) -> Group:
                  + " per segment")
     grid.add_row("  memory pool", " / ".join("yes" if on else "no" for on in c.segment_pool)
                  + " per segment (backward reuses host pages across tiles)")
+    grid.add_row("  recompute", " / ".join("no" if keep else "yes" for keep in c.segment_keep)
+                 + " per segment (no: one tile run with grad, its graph kept for the backward)")
     grid.add_row("  stored maps", human_bytes(c.stored_bytes))
     grid.add_row("  peak memory", f"{human_bytes(c.estimated_peak)} estimated")
     grid.add_row("  work", f"{c.work_ratio:.2f}× the full-image stem's (estimated from MACs)")

@@ -106,6 +106,9 @@ class StreamEngine(nn.Module):
         self.pool_backward = pool_backward
         # the last segment of the stem (set by compile): in one tile it runs without streaming
         self.last = True
+        # another segment that runs without streaming when it is one tile (a memory budget
+        # sets it where its graph fits until the backward): no recompute in the backward
+        self.keep = False
         # with a CUDA stem: keep this segment's output map in pinned host memory (compile's
         # ``offload``; never the last segment, whose outputs go to the head)
         self.offload = False
@@ -209,16 +212,18 @@ class StreamEngine(nn.Module):
         plan = self.exec_plan(x)
         params = tuple(p for p in self.stem.parameters() if p.requires_grad)
         if torch.is_grad_enabled() and (x.requires_grad or params):
-            if self.last and len(plan.tiles) == 1:
+            if (self.last or self.keep) and len(plan.tiles) == 1:
                 return self._run_whole(x, plan)
             return StreamFunction.apply(self, plan, x, *params)
         with torch.no_grad():
             return self.run_forward(x, plan)
 
     def _run_whole(self, x, plan: ExecPlan):
-        """The last segment in one tile: run it with grad, no streaming. Its activations stay
-        alive until the backward, which then needs no recompute; the peak is the same as the
-        streamed backward's, which recomputes them all anyway (only the head runs between)."""
+        """A segment in one tile, the last or one that ``keep``s its graph: run it with grad,
+        no streaming. Its activations stay alive until the backward, which then needs no
+        recompute. For the last segment the peak is the same as the streamed backward's, which
+        recomputes them all anyway (only the head runs between); a kept earlier segment's
+        activations are alive through the later segments (a memory budget counts them)."""
         (tile,) = plan.tiles
         # a copy, as in the tile loops: an in-place first op must not write into x
         xt = feeder.copy_tile(x, tile, self.stem_device(x), feeder.tile_format(x))

@@ -90,8 +90,12 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
             the real one). An explicit ``tile_size`` or ``cuts`` is kept. On the CPU the budget
             is the process's peak resident memory; for a model on CUDA it is the device's peak
             allocated memory (``torch.cuda.max_memory_allocated``), from what is allocated now.
-        offload: with the model on CUDA, keep the stored cut maps of a multi-cut plan (and their
-            gradients) in pinned host memory; each segment then fetches its tiles from there,
+            The plan counts one input image on top of the memory in use at this call, so compile
+            before loading images (an image already loaded is counted twice: safe, but the plan
+            is then slower than it needs to be).
+        offload: with the model on CUDA, keep the stored cut maps of a multi-cut plan in pinned host
+            memory (their gradients in host memory too); each segment then fetches its tiles
+            from there,
             the next tile's copy overlapping the current tile's compute.
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
@@ -115,14 +119,18 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
     if memory_budget is not None:
         from .budget import choose_plan
 
+        baseline = _device_baseline(model)
         choice = choose_plan(analysis, input_shape, memory_budget,
                              tile_size=tile_size if tile_given else None, cuts=cuts,
-                             baseline=_device_baseline(model))
+                             baseline=baseline, host_pool=baseline is None,
+                             keep_graphs=not offload)
         cuts, tiles, pools = choice.cuts, choice.segment_tiles, choice.segment_pool
+        keeps = choice.segment_keep
     cut_names = resolve_cuts(analysis, cuts or ())
     segments = split_stem(gm.graph, boundary, cut_names)
     if memory_budget is None:
         tiles, pools = [tile_size] * len(segments), [True] * len(segments)
+        keeps = [False] * len(segments)
     engines = []
     for (source, names, outputs), tile_size, pool in zip(segments, tiles, pools):
         graph = build_segment_graph(gm.graph, source, names, outputs)
@@ -135,8 +143,8 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
             out = next(n for n in seg_analysis.graph_module.graph.nodes if n.op == "output")
             order = tuple(a.name for a in out.args[0])
         engines.append(_engine(stem, seg_analysis, order, tile_size, pool))
-    for e in engines[:-1]:
-        e.last, e.offload = False, bool(offload)
+    for e, keep in zip(engines[:-1], keeps):
+        e.last, e.offload, e.keep = False, bool(offload), bool(keep)
     engine = engines[0] if len(engines) == 1 else ChainEngine(engines, cut_names)
     head = build_head_graph(gm.graph, boundary)
     return StreamingModule(model, head, engine, analysis)

@@ -137,3 +137,17 @@ def test_budget_decides_the_pool_per_segment(monkeypatch):
     assert tuple(s.pool_backward for s in sm.engine.segments) == choice.segment_pool
     monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
     assert not any(choose_plan(a, shape, "2.6GiB").segment_pool)
+
+
+def test_budget_without_host_pool_charges_no_penalty(monkeypatch):
+    """A stem on CUDA (host_pool=False) gets no pooled segment, and its plan is the one the
+    planner makes with pooling switched off: the unpooled penalty is not charged."""
+    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)
+    model = resnet18()
+    shape = (1, 3, 4096, 4096)
+    a = fxstream.analyze(model, shape)
+    pooled = choose_plan(a, shape, "2.6GiB")
+    device = choose_plan(a, shape, "2.6GiB", host_pool=False)
+    assert any(pooled.segment_pool) and not any(device.segment_pool)
+    monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
+    assert choose_plan(a, shape, "2.6GiB") == device

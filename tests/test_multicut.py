@@ -111,6 +111,7 @@ def test_budget_analysis_and_runtime_agree(monkeypatch):
     sm = fxstream.compile(model, input_shape=shape, memory_budget="3GiB")
     assert sm.engine.cuts == choice.cuts
     assert tuple(seg.tile_size for seg in sm.engine.segments) == choice.segment_tiles
+    assert tuple(seg.keep for seg in sm.engine.segments[:-1]) == choice.segment_keep[:-1]
     assert choice.estimated_peak <= choice.budget
 
 
@@ -128,3 +129,97 @@ def test_budget_too_small():
     with pytest.raises(fxstream.PlanError, match=r"no plan fits a memory budget of 0.10 GiB.*"
                                                  r"smallest estimated peak"):
         choose_plan(a, (1, 3, 1024, 1024), "0.1GiB")
+
+
+def test_budget_keeps_one_tile_graphs_when_they_fit(monkeypatch):
+    """With room, one-tile segments keep their graphs (no recompute) and the result is exact."""
+    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**26)
+    model = resnet18()
+    shape = (1, 3, 512, 512)
+    a = fxstream.analyze(model, shape)
+    roomy = choose_plan(a, shape, "4GiB")
+    assert roomy.cuts == () and roomy.segment_keep == (True,)  # one segment, run whole
+    kept_cuts = choose_plan(a, shape, "4GiB", cuts=["layer1", "layer3"])
+    assert kept_cuts.segment_keep == (True, True, True)
+    assert kept_cuts.work_ratio == pytest.approx(0.75)
+    sm = fxstream.compile(model, input_shape=shape, memory_budget="4GiB",
+                          cuts=["layer1", "layer3"])
+    assert [seg.keep for seg in sm.engine.segments[:-1]] == [True, True]
+    x = torch.randn(shape, requires_grad=True)
+    (first,) = sm.engine.segments[0](x)
+    assert "StreamFunction" not in type(first.grad_fn).__name__  # a plain autograd graph
+    result = check(model, (1, 3, 256, 256), None, cuts=["layer1", "layer3"],
+                   memory_budget="4GiB")
+    assert not [d for d in result.diffs if not d.ok]
+
+
+def test_offload_plans_keep_no_graph():
+    a = fxstream.analyze(resnet18(), (1, 3, 512, 512))
+    plan = choose_plan(a, (1, 3, 512, 512), "4GiB", baseline=2**26, cuts=["layer1", "layer3"],
+                       keep_graphs=False)
+    assert plan.segment_keep == (False, False, True)
+
+
+def _brute_force(points, nodes, fixed, limit, options):
+    """Every subset of cut points and every option per segment: the least cost that fits."""
+    import itertools
+
+    from fxstream.budget import CUT_WORK
+
+    best = None
+    inner = points[1:]
+    for r in range(len(inner) + 1):
+        for subset in itertools.combinations(inner, r):
+            chain = [points[0], *subset, None]
+            segs = [options(a, b) for a, b in zip(chain, chain[1:])]
+            for picks in itertools.product(*segs):
+                held, cost, ok = 0.0, 0.0, True
+                for o, dst in zip(picks, chain[1:]):
+                    out = nodes[dst].bytes if dst is not None else 0
+                    ok &= fixed + held + o.mem <= limit and fixed + held + out + o.held <= limit
+                    held += out + o.held
+                    cost += o.cost + (CUT_WORK * nodes[dst].numel if dst is not None else 0)
+                if ok and (best is None or cost < best):
+                    best = cost
+    return best
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_cut_search_finds_the_least_cost_plan(seed):
+    """The shortest-path search over cut points agrees with trying every subset of cuts and
+    every option per segment (random costs, transient memory and kept graphs)."""
+    import random
+
+    from fxstream.budget import _Option, _search
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    points = ["x"] + [f"c{i}" for i in range(n)]
+
+    class Node:
+        def __init__(self):
+            self.bytes = rng.randint(1, 30)
+            self.numel = rng.randint(0, 3)
+
+    nodes = {p: Node() for p in points}
+    table = {}
+    for i, a in enumerate(points):
+        for b in points[i + 1:] + [None]:
+            opts = [_Option(rng.uniform(10, 50), -t, rng.randint(1, 50), 1.0, t, False, 0.0)
+                    for t in range(rng.randint(0, 3))]
+            if rng.random() < 0.6:  # one tile: it may keep its graph (cheaper, holds more)
+                held = 0.0 if b is None else rng.randint(5, 50)
+                opts.append(_Option(rng.uniform(1, 30), -9, rng.randint(1, 50), 1.0, 9, False,
+                                    0.0, True, held))
+            table[a, b] = opts
+
+    def options(a, b):
+        return table[a, b]
+
+    fixed, limit = rng.randint(0, 20), rng.randint(50, 110)
+    want = _brute_force(points, nodes, fixed, limit, options)
+    got = _search(points, nodes, fixed, limit, options, consecutive=False)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None and got.value[0] == pytest.approx(want)
