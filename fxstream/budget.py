@@ -34,9 +34,13 @@ MAX_CANDIDATES = 40  # the search is quadratic in them
 # a tile's transient memory ~ this x its share of the segment's activations: calibrated on
 # resnet18/34 at 4096^2 (measured 0.55x to 1.3x of the plain share per segment)
 TILE_GRAD_FACTOR = 1.3
+# a tile of a stored map lives three times in the backward: copied, cloned, and its gradient
+# (resnet34 at 4096^2: leaving them out made two segments' estimates 0.17-0.21 GiB low)
+INPUT_TILE_COPIES = 3
 # the host memory pool (fxstream.hostmem) saves the page faults of a segment's tiles but its heap
-# holds more than the live tensors: up to ~1.5x the tile part of the estimate (resnet18, 4096^2)
-POOL_FACTOR = 1.5
+# holds more than the live tensors: up to ~1.5x the tile part of the estimate (resnet18, 4096^2),
+# 1.6x for resnet34's layer2 segments in nine tiles of a 1024^2 map
+POOL_FACTOR = 1.7
 # without the pool a many-tile segment's backward re-faults every tile's pages: measured on
 # resnet18 at 4096^2 (2 cores), its first segment took 1.33x as long in the backward and 1.4x in
 # the forward; the forward always pools (its heap is small), so about 1.25x over the segment
@@ -380,6 +384,9 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
     # a tile's saved activations plus the gradients alive during its backward (measured on
     # resnet18: about half the activations at once)
     tile_mem = TILE_GRAD_FACTOR * frac * sum(nodes[n].bytes for n in names)
+    # and the input tile's own copies: the tile, the clone the recompute runs on (in-place first
+    # ops) and its gradient, for a cut map; the image's tile alone (it rarely needs a gradient)
+    tile_mem += (INPUT_TILE_COPIES if src != image else 1) * frac * nodes[src].bytes
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
     # a kept graph: every activation (in-place ones over-counted: the safe side) and the copy of
     # the input the segment runs on; its outputs are the stored map, counted apart
