@@ -16,6 +16,7 @@ its map (CUT_WORK). The least-cost plan is a shortest path over the cut points
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -31,16 +32,18 @@ from .plan import AxisGeometry
 
 TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 MAX_CANDIDATES = 40  # the search is quadratic in them
-# a tile's transient memory ~ this x its share of the segment's activations: calibrated on
-# resnet18/34 at 4096^2 (measured 0.55x to 1.3x of the plain share per segment)
-TILE_GRAD_FACTOR = 1.3
+# a tile's transient memory ~ this x its share of the segment's activations (tensors it
+# allocates: in-place ops such as ReLU(inplace=True) add none). Calibrated against per-segment
+# peaks measured on resnet18/34 at 4096^2 (VmHWM reset per segment): 1.3 left an unpooled
+# nine-tile segment 0.04 GiB low; 1.5 covers every measured one
+TILE_GRAD_FACTOR = 1.5
 # a tile of a stored map lives three times in the backward: copied, cloned, and its gradient
 # (resnet34 at 4096^2: leaving them out made two segments' estimates 0.17-0.21 GiB low)
 INPUT_TILE_COPIES = 3
 # the host memory pool (fxstream.hostmem) saves the page faults of a segment's tiles but its heap
-# holds more than the live tensors: up to ~1.5x the tile part of the estimate (resnet18, 4096^2),
-# 1.6x for resnet34's layer2 segments in nine tiles of a 1024^2 map
-POOL_FACTOR = 1.7
+# holds more than the live tensors: measured 1.9x to 2.1x the tile part of the estimate
+# (resnet18 and resnet34 at 4096^2, segments of 9 to 49 tiles)
+POOL_FACTOR = 2.2
 # without the pool a many-tile segment's backward re-faults every tile's pages: measured on
 # resnet18 at 4096^2 (2 cores), its first segment took 1.33x as long in the backward and 1.4x in
 # the forward; the forward always pools (its heap is small), so about 1.25x over the segment
@@ -109,6 +112,26 @@ class _Node:
     hi: tuple
     sizes: tuple
     numel: int = 0
+    inplace: bool = False  # writes into its input: allocates nothing
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.iand, operator.ior}
+
+
+def _writes_in_place(node, gm) -> bool:
+    """Whether ``node`` overwrites its input (``ReLU(inplace=True)``, ``x += y``, ``relu_``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_")
+                                                      and not name.startswith("_"))
+    return False
 
 
 def _nodes(analysis) -> dict[str, _Node]:
@@ -130,7 +153,8 @@ def _nodes(analysis) -> dict[str, _Node]:
                                tuple(_f(a.stride) for a in g.axes),
                                tuple(_f(sympy.sympify(a.lo).subs(values)) for a in g.axes),
                                tuple(_f(sympy.sympify(a.hi).subs(values)) for a in g.axes),
-                               tuple(shape[d] for d in g.dims), numel)
+                               tuple(shape[d] for d in g.dims), numel,
+                               _writes_in_place(node, gm))
     return out
 
 
@@ -383,15 +407,15 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
     work = red * sum(nodes[n].cost for n in names)
     # a tile's saved activations plus the gradients alive during its backward (measured on
     # resnet18: about half the activations at once)
-    tile_mem = TILE_GRAD_FACTOR * frac * sum(nodes[n].bytes for n in names)
+    acts = sum(nodes[n].bytes for n in names if not nodes[n].inplace)
+    tile_mem = TILE_GRAD_FACTOR * frac * acts
     # and the input tile's own copies: the tile, the clone the recompute runs on (in-place first
     # ops) and its gradient, for a cut map; the image's tile alone (it rarely needs a gradient)
     tile_mem += (INPUT_TILE_COPIES if src != image else 1) * frac * nodes[src].bytes
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
-    # a kept graph: every activation (in-place ones over-counted: the safe side) and the copy of
-    # the input the segment runs on; its outputs are the stored map, counted apart
-    graph = sum(nodes[n].bytes for n in names) + nodes[src].bytes \
-        - sum(nodes[o].bytes for o in outs)
+    # a kept graph: every activation and the copy of the input the segment runs on; its outputs
+    # are the stored map, counted apart
+    graph = acts + nodes[src].bytes - sum(nodes[o].bytes for o in outs)
     return work, tile_mem + grads, red, n_tiles, tile_mem, graph
 
 

@@ -316,3 +316,26 @@ def test_shown_rows_hide_rows_that_repeat_a_geometry():
     a = fxstream.analyze(net, (1, 3, 32, 32))
     assert [r.name for r in shown_rows(a)] == [a.rows[0].name, "_0", "_3", "_4"]
     assert len(shown_rows(a, all_nodes=True)) == len(a.rows)
+
+
+def test_analyze_budget_shows_the_plan_compile_runs(capsys, plain_console, monkeypatch):
+    """`analyze --budget` prints the chosen plan: cuts, tiles, pool and recompute per segment,
+    the same as the streaming module compile builds under that budget."""
+    import torchvision
+
+    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**29)
+    code, out, err = run(capsys, "analyze", "torchvision.models:resnet18", "--input",
+                         "1x3x2048x2048", "--budget", "1.5GiB")
+    assert code == 0, err
+    assert "Plan under the memory budget" in out
+    sm = fxstream.compile(torchvision.models.resnet18().eval(), input_shape=(1, 3, 2048, 2048),
+                          memory_budget="1.5GiB")
+    segments = sm.engine.segments
+    text = " ".join(out.split())  # rows may wrap
+    assert f"cuts {', '.join(sm.engine.cuts) or 'none (one segment)'} tile sizes" in text
+    recompute = [line for line in out.splitlines() if line.strip().startswith("recompute")]
+    shown = recompute[0].split(None, 1)[1].split(" per segment")[0].split(" / ")
+    assert shown[:-1] == ["no" if s.keep else "yes" for s in segments[:-1]]
+    pool = [line for line in out.splitlines() if line.strip().startswith("memory pool")]
+    shown = pool[0].split("pool", 1)[1].split(" per segment")[0].strip().split(" / ")
+    assert shown == ["yes" if s.pool_backward else "no" for s in segments]
