@@ -34,14 +34,14 @@ TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 MAX_CANDIDATES = 40  # the search is quadratic in them
 # a tile's transient memory ~ this x its share of the segment's activations (tensors it
 # allocates: in-place ops such as ReLU(inplace=True) add none). Calibrated against per-segment
-# peaks measured on resnet18/34 at 4096^2 (VmHWM reset per segment): 1.3 left an unpooled
-# nine-tile segment 0.04 GiB low; 1.5 covers every measured one
-TILE_GRAD_FACTOR = 1.5
+# peaks measured on resnet18/34 at 4096^2 (VmHWM reset per segment): one-tile segments come out
+# 0.02-0.1 GiB over, the worst multi-tile one 0.03 GiB (1.7%) under, inside BUDGET_MARGIN
+TILE_GRAD_FACTOR = 1.4
 # a tile of a stored map lives three times in the backward: copied, cloned, and its gradient
 # (resnet34 at 4096^2: leaving them out made two segments' estimates 0.17-0.21 GiB low)
 INPUT_TILE_COPIES = 3
 # the host memory pool (fxstream.hostmem) saves the page faults of a segment's tiles but its heap
-# holds more than the live tensors: measured 1.9x to 2.1x the tile part of the estimate
+# holds more than the live tensors: measured 1.8x to 2.3x the tile part of the estimate
 # (resnet18 and resnet34 at 4096^2, segments of 9 to 49 tiles)
 POOL_FACTOR = 2.2
 # without the pool a many-tile segment's backward re-faults every tile's pages: measured on
