@@ -223,3 +223,27 @@ def test_cut_search_finds_the_least_cost_plan(seed):
         assert got is None
     else:
         assert got is not None and got.value[0] == pytest.approx(want)
+
+
+def test_thin_keeps_stage_ends_and_spreads_the_rest():
+    """Beyond MAX_CANDIDATES cut points the search keeps each stride level's first and last and
+    evenly spaced ones between, in order; below it, all of them."""
+    from types import SimpleNamespace
+
+    from fxstream.budget import MAX_CANDIDATES, _thin
+
+    levels = {1: 30, 2: 40, 4: 20}  # stride -> candidates at that stride
+    cands, nodes = [], {}
+    for stride, n in levels.items():
+        for i in range(n):
+            name = f"s{stride}_{i}"
+            cands.append(name)
+            nodes[name] = SimpleNamespace(stride=(stride,), bytes=10**6 // stride)
+    kept = _thin(cands, nodes)
+    assert len(kept) <= MAX_CANDIDATES and len(kept) >= MAX_CANDIDATES - len(levels)
+    assert kept == sorted(kept, key=cands.index)
+    for stride, n in levels.items():
+        assert f"s{stride}_0" in kept and f"s{stride}_{n - 1}" in kept
+        inner = [c for c in kept if c.startswith(f"s{stride}_")]
+        assert len(inner) >= 3  # every level keeps some of its middle
+    assert _thin(cands[:12], nodes) == cands[:12]
