@@ -126,6 +126,8 @@ def test_last_one_tile_segment_runs_without_recompute():
 
 
 def test_budget_decides_the_pool_per_segment(monkeypatch):
+    """compile builds the pool choice the budget made; a stem on CUDA (host_pool=False) gets no
+    pooled segment and the plan made with pooling switched off: no unpooled penalty charged."""
     monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)
     model = resnet18()
     shape = (1, 3, 4096, 4096)
@@ -135,19 +137,7 @@ def test_budget_decides_the_pool_per_segment(monkeypatch):
     assert choice.estimated_peak <= choice.budget
     sm = fxstream.compile(model, input_shape=shape, memory_budget="2.6GiB")
     assert tuple(s.pool_backward for s in sm.engine.segments) == choice.segment_pool
-    monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
-    assert not any(choose_plan(a, shape, "2.6GiB").segment_pool)
-
-
-def test_budget_without_host_pool_charges_no_penalty(monkeypatch):
-    """A stem on CUDA (host_pool=False) gets no pooled segment, and its plan is the one the
-    planner makes with pooling switched off: the unpooled penalty is not charged."""
-    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)
-    model = resnet18()
-    shape = (1, 3, 4096, 4096)
-    a = fxstream.analyze(model, shape)
-    pooled = choose_plan(a, shape, "2.6GiB")
     device = choose_plan(a, shape, "2.6GiB", host_pool=False)
-    assert any(pooled.segment_pool) and not any(device.segment_pool)
+    assert any(choice.segment_pool) and not any(device.segment_pool)
     monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
     assert choose_plan(a, shape, "2.6GiB") == device
