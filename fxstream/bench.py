@@ -18,8 +18,8 @@ drifts of the machine's load hit them alike. The variants:
 
 Memory is the process's peak RSS on CPU (``ru_maxrss``) and ``torch.cuda.max_memory_allocated``
 on CUDA; the baseline is the same measure after the model and the image are built (the image
-after ``compile``, as a training loop loads it). A full-image
-step whose estimated memory exceeds what is available is reported as such and not run.
+after ``compile``, as a training loop loads it). A full-image step whose estimated memory
+exceeds what is available is reported as such and not run.
 
 Compute, then render: :func:`bench` returns a :class:`BenchResult`; :func:`render_bench`,
 :func:`to_json` and :func:`plot_bench` only read it.

@@ -314,10 +314,9 @@ def _search(points, nodes, fixed, limit, options, consecutive):
                     if not opts:
                         continue
                     # the cheapest way, and the cheapest that does not keep its graph
-                    picks = {min(opts), min((o for o in opts if not o.keep), default=None)}
+                    plain = [o for o in opts if not o.keep]
+                    picks = {min(opts), *([min(plain)] if plain else [])}
                 for pick in picks:
-                    if pick is None:
-                        continue
                     held = state.held + out + pick.held
                     peak = max(state.peak, alive + pick.mem, fixed + held)
                     cuts = state.cuts + ((dst,) if dst is not None else ())
@@ -328,13 +327,18 @@ def _search(points, nodes, fixed, limit, options, consecutive):
     done = frontier[end]
     if not done:
         return None
-    return min(done, key=(lambda st: (st.peak, st.value)) if least_peak else
-               (lambda st: (st.value, st.peak)))
+    return min(done, key=_score(least_peak))
+
+
+def _score(least_peak):
+    """What ranks plans: the estimated peak first when searching for the least one, else the
+    value (cost, cuts)."""
+    return (lambda st: (st.peak, st.value)) if least_peak else (lambda st: (st.value, st.peak))
 
 
 def _pareto(states, least_peak):
-    """The states no other one beats in both stored bytes and value (or peak)."""
-    score = (lambda st: (st.peak, st.value)) if least_peak else (lambda st: (st.value, st.peak))
+    """The states no other one beats in both held bytes and score."""
+    score = _score(least_peak)
     kept, best = [], None
     for st in sorted(states, key=lambda st: (st.held, score(st))):
         if best is None or score(st) < best:

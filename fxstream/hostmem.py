@@ -12,9 +12,9 @@ accumulators) are allocated under :func:`long_lived`, with the default threshold
 mapped and do not pin the heap (unless a free heap chunk already fits them). When the loop
 ends the heap is trimmed, which returns the pool's pages to the OS.
 
-The price is fragmentation: the heap holds more than the live tensors at a tile's peak (about
-1.5x the tile part of the transient estimate in our ResNet measurements; :mod:`fxstream.budget`
-plans with it).
+The price is fragmentation: the heap holds more than the live tensors at a tile's peak (1.8x to
+2.3x the tile part of the transient estimate in our ResNet measurements;
+:data:`fxstream.budget.POOL_FACTOR` plans with it).
 Tile lists are sorted largest first (see :func:`fxstream.runtime.lower_plan`) so the heap grows
 once.
 

@@ -104,11 +104,10 @@ class StreamEngine(nn.Module):
         # whether the backward's tile loop pools host memory (fxstream.hostmem): faster, but the
         # heap holds more than the live tensors; a memory budget may turn it off
         self.pool_backward = pool_backward
-        # the last segment of the stem (set by compile): in one tile it runs without streaming
-        self.last = True
-        # another segment that runs without streaming when it is one tile (a memory budget
-        # sets it where its graph fits until the backward): no recompute in the backward
-        self.keep = False
+        # in one tile, run with grad and keep the graph for the backward (no recompute): always
+        # for the last segment of the stem; compile turns it off for the others unless a memory
+        # budget found room for their graphs until the backward
+        self.keep = True
         # with a CUDA stem: keep this segment's output map in pinned host memory (compile's
         # ``offload``; never the last segment, whose outputs go to the head)
         self.offload = False
@@ -212,15 +211,14 @@ class StreamEngine(nn.Module):
         plan = self.exec_plan(x)
         params = tuple(p for p in self.stem.parameters() if p.requires_grad)
         if torch.is_grad_enabled() and (x.requires_grad or params):
-            if (self.last or self.keep) and len(plan.tiles) == 1:
+            if self.keep and len(plan.tiles) == 1:
                 return self._run_whole(x, plan)
             return StreamFunction.apply(self, plan, x, *params)
         with torch.no_grad():
             return self.run_forward(x, plan)
 
     def _run_whole(self, x, plan: ExecPlan):
-        """A segment in one tile, the last or one that ``keep``s its graph: run it with grad,
-        no streaming. Its activations stay alive until the backward, which then needs no
+        """A segment in one tile that ``keep``s its graph: run it with grad, no streaming. Its activations stay alive until the backward, which then needs no
         recompute. For the last segment the peak is the same as the streamed backward's, which
         recomputes them all anyway (only the head runs between); a kept earlier segment's
         activations are alive through the later segments (a memory budget counts them)."""

@@ -93,10 +93,9 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
             The plan counts one input image on top of the memory in use at this call, so compile
             before loading images (an image already loaded is counted twice: safe, but the plan
             is then slower than it needs to be).
-        offload: with the model on CUDA, keep the stored cut maps of a multi-cut plan in pinned host
-            memory (their gradients in host memory too); each segment then fetches its tiles
-            from there,
-            the next tile's copy overlapping the current tile's compute.
+        offload: with the model on CUDA, keep the stored cut maps of a multi-cut plan in pinned
+            host memory (their gradients in host memory too); each segment then fetches its
+            tiles from there, the next tile's copy overlapping the current tile's compute.
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
 
@@ -144,7 +143,7 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
             order = tuple(a.name for a in out.args[0])
         engines.append(_engine(stem, seg_analysis, order, tile_size, pool))
     for e, keep in zip(engines[:-1], keeps):
-        e.last, e.offload, e.keep = False, bool(offload), bool(keep)
+        e.offload, e.keep = bool(offload), bool(keep)
     engine = engines[0] if len(engines) == 1 else ChainEngine(engines, cut_names)
     head = build_head_graph(gm.graph, boundary)
     return StreamingModule(model, head, engine, analysis)
