@@ -165,6 +165,7 @@ class BenchConfig:
     channels_last: bool = False  # model and image channels-last (every variant)
     autocast: str | None = None  # "bfloat16" / "float16": the step under torch.autocast
     offload: bool = False  # CUDA streamed variant: image and cut maps in host memory
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark on (every variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +226,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise SpecError("--channels-last needs 4-d inputs (N, C, H, W)")
     if cfg.autocast is not None and cfg.autocast not in ("bfloat16", "float16"):
         raise SpecError(f"--autocast {cfg.autocast!r}: expected bfloat16 or float16")
+    if cfg.cudnn_benchmark and not cfg.device.startswith("cuda"):
+        raise SpecError("--cudnn-benchmark tunes cuDNN's convolutions: it needs --device cuda")
     if cfg.offload and not cfg.device.startswith("cuda"):
         raise SpecError("--offload keeps the image and cut maps on the host while the model "
                         "runs on CUDA: it needs --device cuda")
@@ -457,7 +460,8 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
 def _options(cfg: BenchConfig) -> tuple[str, ...]:
     return tuple(o for o in ("channels-last" if cfg.channels_last else None,
                              f"autocast {cfg.autocast}" if cfg.autocast else None,
-                             "offload" if cfg.offload else None) if o)
+                             "offload" if cfg.offload else None,
+                             "cudnn benchmark" if cfg.cudnn_benchmark else None) if o)
 
 
 def _torch_dtype(name: str):
@@ -472,7 +476,7 @@ def _child_config(cfg: BenchConfig, variant, shape, stages) -> dict:
                 device=cfg.device, tile_size=cfg.tile_size, budget_bytes=cfg.budget_bytes,
                 split=cfg.split, leaf_modules=list(cfg.leaf_modules), stages=list(stages),
                 warmup=cfg.warmup, channels_last=cfg.channels_last, autocast=cfg.autocast,
-                offload=cfg.offload)
+                offload=cfg.offload, cudnn_benchmark=cfg.cudnn_benchmark)
 
 
 def run_child(config: dict, variant: str, repeat: int, timeout=None) -> Run:
@@ -620,6 +624,8 @@ def child_step(config: dict) -> dict:
     variant = config["variant"]
     fmt = torch.channels_last if config.get("channels_last") else torch.contiguous_format
     amp = _torch_dtype(config["autocast"]) if config.get("autocast") else None
+    if cuda and config.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = freeze_batchnorm(load_model(config["spec"])).to(device=device, dtype=dtype,
                                                             memory_format=fmt)

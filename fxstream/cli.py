@@ -151,7 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         budget_bytes=parse_budget(args.budget) if args.budget is not None else None,
         device=args.device, dtype=args.dtype, repeat=args.repeat, warmup=args.warmup,
         split=args.split, leaf_modules=tuple(args.leaf), timeout=args.timeout, force=args.force,
-        channels_last=args.channels_last, autocast=args.autocast, offload=args.offload)
+        channels_last=args.channels_last, autocast=args.autocast, offload=args.offload,
+        cudnn_benchmark=args.cudnn_benchmark)
     check_config(cfg)
     if args.plot:
         check_plot_available()
@@ -204,6 +205,9 @@ def add_bench(subparsers) -> None:
     p.add_argument("--offload", action="store_true",
                    help="with --device cuda: the streamed variant keeps the image and its cut "
                         "maps in pinned host memory, fetching tiles ahead of the compute")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="with --device cuda: torch.backends.cudnn.benchmark on in every variant "
+                        "(autotuned convolutions; their workspace counts in the peak)")
     p.add_argument("--plot", metavar="PNG",
                    help="draw peak memory and time against image size (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

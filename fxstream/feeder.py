@@ -68,9 +68,10 @@ def _prefetched(x, tiles, device, fmt):
 
 
 @contextlib.contextmanager
-def device_settings(device: torch.device, benchmark: bool = True):
-    """cuDNN autotuning in the tile loops: tiles repeat a few shapes, so each shape is tuned once
-    and reused. The user's other cuDNN flags are kept; nothing changes on the CPU."""
+def device_settings(device: torch.device, benchmark: bool = False):
+    """With ``benchmark``, cuDNN autotuning in the tile loops: tiles repeat a few shapes, so each
+    shape is tuned once and reused. The flag is restored after; the user's other cuDNN flags are
+    kept; nothing changes on the CPU."""
     if device.type != "cuda" or not benchmark:
         yield
         return

@@ -111,7 +111,8 @@ class StreamEngine(nn.Module):
         # with a CUDA stem: keep this segment's output map in pinned host memory (compile's
         # ``offload``; never the last segment, whose outputs go to the head)
         self.offload = False
-        self.cudnn_benchmark = True
+        # with a CUDA stem: cuDNN autotuning inside the tile loops (compile's cudnn_benchmark)
+        self.cudnn_benchmark = False
         object.__setattr__(self, "stem", stem)
         object.__setattr__(self, "_batchnorms", tuple(batchnorms))
         # the other segments' stems in a multi-cut chain (set by ChainEngine): where a segment

@@ -161,6 +161,7 @@ def _no_child(*args, **kwargs):
     (["--tile", "32", "--repeat", "0"], "--repeat must be >= 1"),
     (["--tile", "4"], "tile_size 4 is too small"),
     (["--tile", "32", "--offload"], "--offload keeps the image and cut maps on the host"),
+    (["--tile", "32", "--cudnn-benchmark"], "--cudnn-benchmark tunes cuDNN's convolutions"),
     (["--tile", "32", "--input", "1x3x64", "--channels-last"],
      "--channels-last needs 4-d inputs"),
 ])

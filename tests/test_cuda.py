@@ -19,8 +19,12 @@ def _bad(result):
     return [d for d in result.diffs if not d.ok]
 
 
+# ResNet-18's receptive field is 435 px: the smallest legal tile on a 640-px axis is 512
+SHAPE, TILE = (1, 3, 640, 608), 512
+
+
 def test_host_image_prefetched_tiles_exact():
-    result = check(resnet18(), (1, 3, 192, 160), 128, device="cuda", image_on_host=True)
+    result = check(resnet18(), SHAPE, TILE, device="cuda", image_on_host=True)
     assert result.num_tiles > 1 and not _bad(result), _bad(result)
 
 
@@ -50,23 +54,28 @@ def test_offloaded_maps_live_on_the_host():
     assert stored.device.type == "cpu" and stored.is_pinned()
 
 
-def test_cudnn_benchmark_is_restored():
+@pytest.mark.parametrize("tuned", [False, True])
+def test_cudnn_benchmark_only_in_the_tile_loops_when_asked(tuned):
     torch.backends.cudnn.benchmark = False
     model = resnet18().cuda()
-    sm = fxstream.compile(model, tile_size=128, input_shape=(1, 3, 192, 160))
-    sm(torch.randn(1, 3, 192, 160, device="cuda")).sum().backward()
+    sm = fxstream.compile(model, tile_size=TILE, input_shape=SHAPE, cudnn_benchmark=tuned)
+    seen = []  # hooked after compile, whose shape analysis runs the model once
+    model.layer1[0].conv1.register_forward_hook(
+        lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    sm(torch.randn(SHAPE, device="cuda")).sum().backward()
+    assert len(seen) > 2 and set(seen) == {tuned}
     assert torch.backends.cudnn.benchmark is False
 
 
 def test_channels_last_exact_on_cuda():
-    result = check(resnet18(), (1, 3, 192, 160), 128, device="cuda", channels_last=True)
+    result = check(resnet18(), SHAPE, TILE, device="cuda", channels_last=True)
     assert not _bad(result), _bad(result)
 
 
 def test_bfloat16_autocast_close_to_full_image():
     model = resnet18().cuda()
-    x = torch.randn(1, 3, 192, 160, device="cuda")
-    sm = fxstream.compile(model, tile_size=128, input_shape=x.shape)
+    x = torch.randn(SHAPE, device="cuda")
+    sm = fxstream.compile(model, tile_size=TILE, input_shape=x.shape)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         full, streamed = model(x), sm(x)
         streamed.float().sum().backward()
