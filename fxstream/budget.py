@@ -37,8 +37,10 @@ MAX_CANDIDATES = 40  # the search is quadratic in them
 # peaks measured on resnet18/34 at 4096^2 (VmHWM reset per segment): one-tile segments come out
 # 0.02-0.1 GiB over, the worst multi-tile one 0.03 GiB (1.7%) under, inside BUDGET_MARGIN
 TILE_GRAD_FACTOR = 1.4
-# a tile of a stored map lives three times in the backward: copied, cloned, and its gradient
-# (resnet34 at 4096^2: leaving them out made two segments' estimates 0.17-0.21 GiB low)
+# a tile of a stored map that the segment may write in place lives three times in the backward:
+# copied, cloned, and its gradient (resnet34 at 4096^2: leaving them out made two segments'
+# estimates 0.17-0.21 GiB low); a map it only reads, once (its tiles are views: resnet18 at
+# 4096^2, a one-tile segment on a 128 MiB map peaked 0.28 GiB lower with views)
 INPUT_TILE_COPIES = 3
 # the host memory pool (fxstream.hostmem) saves the page faults of a segment's tiles but its heap
 # holds more than the live tensors: measured 1.8x to 2.3x the tile part of the estimate
@@ -113,6 +115,8 @@ class _Node:
     sizes: tuple
     numel: int = 0
     inplace: bool = False  # writes into its input: allocates nothing
+    # every user only reads it (passes.only_read): a segment starting here gets views as tiles
+    read_only: bool = False
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -154,7 +158,7 @@ def _nodes(analysis) -> dict[str, _Node]:
                                tuple(_f(sympy.sympify(a.lo).subs(values)) for a in g.axes),
                                tuple(_f(sympy.sympify(a.hi).subs(values)) for a in g.axes),
                                tuple(shape[d] for d in g.dims), numel,
-                               _writes_in_place(node, gm))
+                               _writes_in_place(node, gm), passes.only_read(node, gm))
     return out
 
 
@@ -413,9 +417,11 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
     # resnet18: about half the activations at once)
     acts = sum(nodes[n].bytes for n in names if not nodes[n].inplace)
     tile_mem = TILE_GRAD_FACTOR * frac * acts
-    # and the input tile's own copies: the tile, the clone the recompute runs on (in-place first
-    # ops) and its gradient, for a cut map; the image's tile alone (it rarely needs a gradient)
-    tile_mem += (INPUT_TILE_COPIES if src != image else 1) * frac * nodes[src].bytes
+    # and the input tile's own copies: for a cut map its gradient, and where the segment may
+    # write its input in place also the tile's copy and the clone the recompute runs on (else
+    # tiles are views); the image's tile alone (it rarely needs a gradient)
+    copies = 1 if nodes[src].read_only else INPUT_TILE_COPIES
+    tile_mem += (copies if src != image else 1) * frac * nodes[src].bytes
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
     # a kept graph: every activation and the copy of the input the segment runs on; its outputs
     # are the stored map, counted apart

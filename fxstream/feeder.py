@@ -1,7 +1,8 @@
 """Each tile's input on the stem's device, and the device settings of the tile loops.
 
-On the CPU, or when the image already lives on the stem's device, a tile is a copy of a slice
-(a copy because the stem may begin with an in-place op). For a host image and a CUDA stem the
+On the CPU, or when the image already lives on the stem's device, a tile is a view of its slice
+when the stem only reads its input (``passes.only_read``), else a copy (an in-place first op
+must not write into the image or a stored map that other tiles read). For a host image and a CUDA stem the
 next tile is fetched while the current one computes: its slice is gathered into pinned host
 memory and copied on a side stream, and the compute stream waits on that copy's event only when
 it needs the tile.
@@ -24,14 +25,18 @@ def tile_format(x: torch.Tensor):
     return torch.contiguous_format
 
 
-def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguous_format
-               ) -> Iterator[tuple[object, torch.Tensor]]:
-    """Yield ``(tile, input)`` for every tile, the input a fresh tensor on ``device``."""
+def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguous_format,
+               copy: bool = True) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yield ``(tile, input)`` for every tile: the input on ``device``, a fresh tensor, or with
+    ``copy=False`` a view of ``x`` where ``x`` is already there."""
     if device.type == "cuda" and x.device.type == "cpu":
         yield from _prefetched(x, tiles, device, fmt)
         return
     for tile in tiles:
-        yield tile, copy_tile(x, tile, device, fmt)
+        if not copy and x.device == device:
+            yield tile, x[tile.image]
+        else:
+            yield tile, copy_tile(x, tile, device, fmt)
 
 
 def copy_tile(x: torch.Tensor, tile, device: torch.device, fmt=torch.contiguous_format):

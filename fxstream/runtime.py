@@ -113,6 +113,9 @@ class StreamEngine(nn.Module):
         self.offload = False
         # with a CUDA stem: cuDNN autotuning inside the tile loops (compile's cudnn_benchmark)
         self.cudnn_benchmark = False
+        # whether each tile's input is a copy (the stem may write its input in place) or a view
+        # of the image or stored map (compile clears it where ``passes.only_read`` holds)
+        self.copy_input = True
         object.__setattr__(self, "stem", stem)
         object.__setattr__(self, "_batchnorms", tuple(batchnorms))
         # the other segments' stems in a multi-cut chain (set by ChainEngine): where a segment
@@ -190,9 +193,10 @@ class StreamEngine(nn.Module):
 
     def _forward_tiles(self, x, plan, device, outs, rng_states):
         store = self.store_device(device)
-        # iter_tiles copies each slice: the stem may start with an in-place op (ReLU(inplace=True)
-        # after a cut), which must not write into the image or a stored map shared by other tiles
-        for tile, xt in feeder.iter_tiles(x, plan.tiles, device, feeder.tile_format(x)):
+        # a copy of each slice unless the stem only reads its input: an in-place first op
+        # (ReLU(inplace=True) after a cut) must not write into a map that other tiles read
+        for tile, xt in feeder.iter_tiles(x, plan.tiles, device, feeder.tile_format(x),
+                                          self.copy_input):
             if rng_states is not None:
                 rng_states.append(_rng_state(device))
             ys = _as_tuple(self.stem(xt))
@@ -288,15 +292,18 @@ def _backward_tiles(ctx, x, grads, gx, param_grads):
     ``gx`` and ``param_grads`` in place."""
     engine, plan, device, params = ctx.engine, ctx.plan, ctx.device, ctx.params
     enabled, dtype = ctx.autocast
-    tiles = feeder.iter_tiles(x.detach(), plan.tiles, device, feeder.tile_format(x))
+    tiles = feeder.iter_tiles(x.detach(), plan.tiles, device, feeder.tile_format(x),
+                              engine.copy_input)
     for (tile, xt), state in zip(tiles, ctx.rng):
         if gx is not None:
-            xt.requires_grad_(True)
+            xt.requires_grad_(True)  # a leaf: a copy, or a view of the detached input
         with torch.enable_grad():
             with _replay(state, device), torch.autocast(device.type, dtype=dtype,
                                                         enabled=enabled):
-                # in-place ops may not touch a leaf that requires grad: feed a clone
-                ys = _as_tuple(engine.stem(xt.clone() if gx is not None else xt))
+                # in-place ops may not touch a leaf that requires grad: feed a clone where the
+                # stem may write its input
+                clone = gx is not None and engine.copy_input
+                ys = _as_tuple(engine.stem(xt.clone() if clone else xt))
             outs, gouts = [], []
             for b, y in enumerate(ys):
                 where = tile.outputs[b]

@@ -210,8 +210,11 @@ def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size,
         return make_plan(analysis, shape, tile_size, names=outputs)
 
     planner(tuple(input_shape))  # fail early on a bad tile_size
-    return StreamEngine(stem, planner, dims, ranks, tuple(outputs), batchnorms,
-                        input_shape[1], len(input_shape) - 2, tile_size, pool_backward=pool)
+    engine = StreamEngine(stem, planner, dims, ranks, tuple(outputs), batchnorms,
+                          input_shape[1], len(input_shape) - 2, tile_size, pool_backward=pool)
+    engine.copy_input = not all(passes.only_read(n, stem) for n in stem.graph.nodes
+                                if n.op == "placeholder")
+    return engine
 
 
 def _probe_shape(model, leaf_modules):

@@ -8,6 +8,7 @@ from .cuts import cut_candidates
 from .geometry import (GEOMETRY, Axis, Constant, Local, NonLocal, Symbolic, input_symbols,
                        is_tile_invariant)
 from .infer import infer_geometry, symbolic_shape
+from .mutation import only_read
 from .nodes import module_path, qualname, source_line, target_name
 from .rules import RULES, lookup
 from .shapes import ShapePropagationError, propagate_shapes
@@ -15,6 +16,6 @@ from .shapes import ShapePropagationError, propagate_shapes
 __all__ = [
     "GEOMETRY", "ROLE", "RULES", "Axis", "Boundary", "Constant", "Local", "NonLocal",
     "ShapePropagationError", "SplitError", "Symbolic", "concrete_shape", "cut_candidates", "data_graph", "find_boundary", "infer_geometry", "input_symbols",
-    "is_tile_invariant", "lookup", "module_path", "propagate_shapes", "qualname",
+    "is_tile_invariant", "lookup", "module_path", "only_read", "propagate_shapes", "qualname",
     "resolve_split", "source_line", "symbolic_shape", "target_name",
 ]

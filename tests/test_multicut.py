@@ -71,6 +71,30 @@ def test_multicut_segments_tile_their_own_inputs():
         assert (sm(x) - sm.analysis.graph_module(x)).abs().max() < 1e-4
 
 
+def test_segments_read_their_input_as_views_unless_they_write_it():
+    """After ``layer1`` the next segment starts with convolutions (only reads: tiles are views of
+    the stored map); after ``add_2`` it starts with ReLU(inplace=True) (tiles are copies)."""
+    model = resnet18()
+    sm = fxstream.compile(model, tile_size=64, input_shape=(1, 3, 256, 256),
+                          cuts=["layer1", "add_2"])
+    assert [e.copy_input for e in sm.engine.segments] == [False, False, True]
+    views = {}
+
+    def record(name):
+        def hook(module, args):
+            views.setdefault(name, set()).add(args[0]._base is not None)
+        return hook
+
+    model.layer2[0].conv1.register_forward_pre_hook(record("after layer1"))
+    model.layer2[0].relu.register_forward_pre_hook(record("after add_2"))
+    x = torch.randn(1, 3, 256, 256, requires_grad=True)
+    sm(x).sum().backward()
+    assert views["after layer1"] == {True}
+    # layer2.0's relu runs twice per tile: after bn1 (inside the middle segment, a fresh
+    # tensor) and after the add (the last segment's input, a copy)
+    assert views["after add_2"] == {False}
+
+
 def pool_after_cut_net():
     """Its last segment after a cut at the ReLU is a lone max-pool: no parameters, no buffers."""
     torch.manual_seed(0)

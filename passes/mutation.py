@@ -1,0 +1,63 @@
+"""Whether a graph value is only read by its users, never written in place nor aliased.
+
+The runtime feeds a tile to a segment as a view of the image or stored map when the segment only
+reads its input; otherwise as a copy, since an in-place first op (``ReLU(inplace=True)`` after a
+cut at an ``add``) would write into the map that the neighbouring tiles read. A wrong "only read"
+corrupts results silently, so this is a short list of torch's own ops known not to write or alias
+their inputs; anything else (a subclass, ``F.relu(x, True)``, a view method) counts as a write.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+# modules (exact types: a subclass may override forward) that never write their input
+_READING_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Linear,
+    nn.GELU, nn.Sigmoid, nn.Tanh,
+)
+# activations that write their input exactly when built with inplace=True
+_INPLACE_FLAG_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+                         nn.ELU, nn.Mish)
+# functions that return a new tensor when called without ``out=`` or ``inplace=``
+_READING_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.relu, torch.sigmoid, torch.tanh,
+    F.conv1d, F.conv2d, F.conv3d, F.gelu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+}
+_READING_METHODS = {"size", "dim"}  # return no tensor
+
+
+def only_read(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when no user of ``node`` can write its value in place or hand out an alias of it."""
+    return all(_reads(user, gm) for user in node.users)
+
+
+def _reads(user: fx.Node, gm: fx.GraphModule) -> bool:
+    if user.op == "output":  # stored or handed on: the runtime copies outputs
+        return True
+    if "out" in user.kwargs or "inplace" in user.kwargs:
+        return False
+    if user.op == "call_module":
+        module = gm.get_submodule(user.target)
+        if type(module) in _READING_MODULES:
+            return True
+        return type(module) in _INPLACE_FLAG_MODULES and getattr(module, "inplace", True) is False
+    if user.op == "call_function":
+        return user.target in _READING_FUNCTIONS
+    if user.op == "call_method":
+        return user.target in _READING_METHODS
+    return False
+
+
+__all__ = ["only_read"]
