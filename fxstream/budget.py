@@ -162,6 +162,12 @@ def _nodes(analysis) -> dict[str, _Node]:
     return out
 
 
+def allocated_activation_bytes(analysis) -> int:
+    """Bytes of the stem's activations on the whole input that allocate memory: in-place ops
+    (``ReLU(inplace=True)``, ``x += y``) write into their input and are left out."""
+    return sum(n.bytes for n in _nodes(analysis).values() if not n.inplace)
+
+
 def _f(x) -> Fraction:
     n, d = sympy.fraction(sympy.Rational(x))
     return Fraction(int(n), int(d))

@@ -132,6 +132,19 @@ def test_full_image_that_would_not_fit_is_not_run(tiny_spec, monkeypatch):
     assert code == 0 and "would not fit (estimated" in out
 
 
+def test_full_image_estimate_leaves_out_in_place_activations():
+    """``ReLU(inplace=True)`` writes into the conv's output: no memory of its own."""
+    def estimate(inplace):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace),
+                            nn.AdaptiveAvgPool2d(1))
+        shape = (1, 3, 64, 64)
+        return fb.estimate_full_bytes(fxstream.analyze(net, shape), net, shape, 4)[1]
+
+    relu_output = 8 * 64 * 64 * 4
+    assert abs(estimate(False) - estimate(True) - fb.GRAD_FACTOR * relu_output) <= 1
+
+
 def test_checkpoint_unsupported_when_stem_is_no_chain(tiny_spec, monkeypatch):
     monkeypatch.setattr(fb, "run_child", _no_child)
     spec = tiny_spec.replace(":make", ":TopLevelRelu")
