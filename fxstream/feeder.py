@@ -2,10 +2,10 @@
 
 On the CPU, or when the image already lives on the stem's device, a tile is a view of its slice
 when the stem only reads its input (``passes.only_read``), else a copy (an in-place first op
-must not write into the image or a stored map that other tiles read). For a host image and a CUDA stem the
-next tile is fetched while the current one computes: its slice is gathered into pinned host
-memory and copied on a side stream, and the compute stream waits on that copy's event only when
-it needs the tile.
+must not write into the image or a stored map that other tiles read). For a host image and a
+CUDA stem the next tile is fetched while the current one computes: its slice is gathered into
+pinned host memory and copied on a side stream, and the compute stream waits on that copy's
+event only when it needs the tile.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def tile_format(x: torch.Tensor):
 
 def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguous_format,
                copy: bool = True) -> Iterator[tuple[object, torch.Tensor]]:
-    """Yield ``(tile, input)`` for every tile: the input on ``device``, a fresh tensor, or with
-    ``copy=False`` a view of ``x`` where ``x`` is already there."""
+    """Yield ``(tile, input)`` for every tile: the input on ``device`` in ``fmt``, a fresh
+    tensor, or with ``copy=False`` a view of ``x`` (in ``x``'s layout) where ``x`` is already
+    on ``device``."""
     if device.type == "cuda" and x.device.type == "cpu":
         yield from _prefetched(x, tiles, device, fmt)
         return

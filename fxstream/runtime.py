@@ -223,10 +223,11 @@ class StreamEngine(nn.Module):
             return self.run_forward(x, plan)
 
     def _run_whole(self, x, plan: ExecPlan):
-        """A segment in one tile that ``keep``s its graph: run it with grad, no streaming. Its activations stay alive until the backward, which then needs no
-        recompute. For the last segment the peak is the same as the streamed backward's, which
-        recomputes them all anyway (only the head runs between); a kept earlier segment's
-        activations are alive through the later segments (a memory budget counts them)."""
+        """A segment in one tile that ``keep``s its graph: run it with grad, no streaming. Its
+        activations stay alive until the backward, which then needs no recompute. For the last
+        segment the peak is the same as the streamed backward's, which recomputes them all
+        anyway (only the head runs between); a kept earlier segment's activations are alive
+        through the later segments (a memory budget counts them)."""
         (tile,) = plan.tiles
         # a copy, as in the tile loops: an in-place first op must not write into x
         xt = feeder.copy_tile(x, tile, self.stem_device(x), feeder.tile_format(x))

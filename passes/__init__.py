@@ -15,7 +15,8 @@ from .shapes import ShapePropagationError, propagate_shapes
 
 __all__ = [
     "GEOMETRY", "ROLE", "RULES", "Axis", "Boundary", "Constant", "Local", "NonLocal",
-    "ShapePropagationError", "SplitError", "Symbolic", "concrete_shape", "cut_candidates", "data_graph", "find_boundary", "infer_geometry", "input_symbols",
+    "ShapePropagationError", "SplitError", "Symbolic", "concrete_shape", "cut_candidates",
+    "data_graph", "find_boundary", "infer_geometry", "input_symbols",
     "is_tile_invariant", "lookup", "module_path", "only_read", "propagate_shapes", "qualname",
     "resolve_split", "source_line", "symbolic_shape", "target_name",
 ]
