@@ -4,7 +4,9 @@ The runtime feeds a tile to a segment as a view of the image or stored map when 
 reads its input; otherwise as a copy, since an in-place first op (``ReLU(inplace=True)`` after a
 cut at an ``add``) would write into the map that the neighbouring tiles read. A wrong "only read"
 corrupts results silently, so this is a short list of torch's own ops known not to write or alias
-their inputs; anything else (a subclass, ``F.relu(x, True)``, a view method) counts as a write.
+their inputs; anything else (a subclass, ``F.relu(x, True)``, a view method, a module with forward
+hooks or a replaced ``forward``) counts as a write. Hooks registered after this pass runs (after
+``fxstream.compile``) are not seen.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def _reads(user: fx.Node, gm: fx.GraphModule) -> bool:
         return False
     if user.op == "call_module":
         module = gm.get_submodule(user.target)
+        if _hooked(module):
+            return False
         if type(module) in _READING_MODULES:
             return True
         return type(module) in _INPLACE_FLAG_MODULES and getattr(module, "inplace", True) is False
@@ -58,6 +62,18 @@ def _reads(user: fx.Node, gm: fx.GraphModule) -> bool:
     if user.op == "call_method":
         return user.target in _READING_METHODS
     return False
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs code of the user's besides its type's forward: forward
+    hooks or pre-hooks (its own or global ones), or a ``forward`` set on the instance."""
+    from torch.nn.modules import module as registry
+
+    return bool(getattr(module, "_forward_pre_hooks", None) or
+                getattr(module, "_forward_hooks", None) or
+                getattr(registry, "_global_forward_pre_hooks", None) or
+                getattr(registry, "_global_forward_hooks", None) or
+                "forward" in vars(module))
 
 
 __all__ = ["only_read"]

@@ -70,3 +70,28 @@ def test_augmented_assignment_node_writes():
     x = graph.placeholder("x")
     graph.output(graph.call_function(operator.iadd, (x, 1)))
     assert passes.only_read(x, fx.GraphModule(nn.Module(), graph)) is False
+
+
+@pytest.mark.parametrize("hook", ["pre", "post", "global", "forward"])
+def test_hooked_reading_module_is_not_trusted(hook):
+    """A hook may write the module's input (``a[0].mul_(0.5)``): with views it would scale the
+    image once per overlapping tile."""
+    net = nn.Sequential(nn.Conv2d(2, 2, 3))
+    gm = fx.symbolic_trace(net)
+    (x,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    conv = gm.get_submodule("0")
+    assert passes.only_read(x, gm) is True
+    if hook == "pre":
+        handle = conv.register_forward_pre_hook(lambda m, a: a[0].mul_(0.5))
+    elif hook == "post":
+        handle = conv.register_forward_hook(lambda m, a, out: None)
+    elif hook == "global":
+        handle = nn.modules.module.register_module_forward_pre_hook(lambda m, a: None)
+    else:
+        conv.forward = lambda t: nn.Conv2d.forward(conv, t)
+        handle = None
+    try:
+        assert passes.only_read(x, gm) is False
+    finally:
+        if handle is not None:
+            handle.remove()

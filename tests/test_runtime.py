@@ -226,3 +226,22 @@ def test_channels_last_model_gets_channels_last_tiles_and_stays_exact():
     result = check(net, (1, 3, 48, 40), 20, channels_last=True)
     assert result.num_tiles > 1 and result.passed, [d for d in result.diffs if not d.ok]
     assert seen and all(seen)
+
+
+def test_a_hook_that_writes_the_input_gets_copies_not_views():
+    """The stem's first conv has a pre-hook scaling its input in place. Tiles must be copies:
+    views would scale the user's image once per overlapping tile."""
+    def build():
+        net = small_net()
+        net[0].register_forward_pre_hook(lambda m, args: args[0].mul_(0.5))
+        return net.eval()
+
+    x0 = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        full = build()(x0.clone())
+        sm = fxstream.compile(build(), tile_size=20, input_shape=x0.shape)
+        x = x0.clone()
+        streamed = sm(x)
+    assert sm.engine.copy_input and len(sm.engine.exec_plan(x).tiles) > 1
+    assert torch.equal(x, x0)
+    assert (streamed - full).abs().max() < 1e-6
