@@ -229,7 +229,8 @@ class StreamEngine(nn.Module):
         anyway (only the head runs between); a kept earlier segment's activations are alive
         through the later segments (a memory budget counts them)."""
         (tile,) = plan.tiles
-        # a copy, as in the tile loops: an in-place first op must not write into x
+        # always a copy, even where the tile loops would take a view: an in-place first op must
+        # not write into x
         xt = feeder.copy_tile(x, tile, self.stem_device(x), feeder.tile_format(x))
         ys = _as_tuple(self.stem(xt))
         outs = []
