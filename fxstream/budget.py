@@ -37,10 +37,6 @@ MAX_CANDIDATES = 40  # the search is quadratic in them
 # peaks measured on resnet18/34 at 4096^2 (VmHWM reset per segment): one-tile segments come out
 # 0.02-0.1 GiB over, the worst multi-tile one 0.03 GiB (1.7%) under, inside BUDGET_MARGIN
 TILE_GRAD_FACTOR = 1.4
-# the backward also holds gradients of the tile's largest tensor beyond that share: mobilenet_v2
-# at 2048^2, one-tile segments of expanding blocks peaked 0.06-0.09 GiB (1.6x their activations)
-# over an estimate without it, and a plan went 2% over its budget
-LARGEST_GRADS = 1
 # a tile of a stored map that the segment may write in place lives three times in the backward:
 # copied, cloned, and its gradient (resnet34 at 4096^2: leaving them out made two segments'
 # estimates 0.17-0.21 GiB low); a map it only reads, once (its tiles are views: resnet18 at
@@ -433,10 +429,6 @@ def _segment_cost(nodes, src, dst, tile, ancestors, stem, boundary, image):
     copies = 1 if nodes[src].read_only else INPUT_TILE_COPIES
     tile_mem += (copies if src != image else 1) * frac * nodes[src].bytes
     grads = sum(nodes[o].bytes for o in outs) + (nodes[src].bytes if src != image else 0)
-    # and the gradient of the tile's largest tensor, which the share above misses where one
-    # tensor dominates (an inverted residual's 6x expansion)
-    grads += LARGEST_GRADS * frac * max((nodes[n].bytes for n in names if not nodes[n].inplace),
-                                        default=0)
     # a kept graph: every activation and the copy of the input the segment runs on; its outputs
     # are the stored map, counted apart
     graph = acts + nodes[src].bytes - sum(nodes[o].bytes for o in outs)
