@@ -16,7 +16,6 @@ its map (CUT_WORK). The least-cost plan is a shortest path over the cut points
 from __future__ import annotations
 
 import math
-import operator
 import os
 import re
 from dataclasses import dataclass
@@ -123,25 +122,6 @@ class _Node:
     read_only: bool = False
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.iand, operator.ior}
-
-
-def _writes_in_place(node, gm) -> bool:
-    """Whether ``node`` overwrites its input (``ReLU(inplace=True)``, ``x += y``, ``relu_``)."""
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_module":
-        return getattr(gm.get_submodule(node.target), "inplace", False) is True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_OPERATORS or (name.endswith("_")
-                                                      and not name.startswith("_"))
-    return False
-
-
 def _nodes(analysis) -> dict[str, _Node]:
     from .analysis import itemsize as dtype_size, stem_tensors
 
@@ -162,7 +142,7 @@ def _nodes(analysis) -> dict[str, _Node]:
                                tuple(_f(sympy.sympify(a.lo).subs(values)) for a in g.axes),
                                tuple(_f(sympy.sympify(a.hi).subs(values)) for a in g.axes),
                                tuple(shape[d] for d in g.dims), numel,
-                               _writes_in_place(node, gm), passes.only_read(node, gm))
+                               passes.writes_in_place(node, gm), passes.only_read(node, gm))
     return out
 
 

@@ -8,7 +8,7 @@ from .cuts import cut_candidates
 from .geometry import (GEOMETRY, Axis, Constant, Local, NonLocal, Symbolic, input_symbols,
                        is_tile_invariant)
 from .infer import infer_geometry, symbolic_shape
-from .mutation import only_read
+from .mutation import only_read, writes_in_place
 from .nodes import module_path, qualname, source_line, target_name
 from .rules import RULES, lookup
 from .shapes import ShapePropagationError, propagate_shapes
@@ -18,5 +18,5 @@ __all__ = [
     "ShapePropagationError", "SplitError", "Symbolic", "concrete_shape", "cut_candidates",
     "data_graph", "find_boundary", "infer_geometry", "input_symbols",
     "is_tile_invariant", "lookup", "module_path", "only_read", "propagate_shapes", "qualname",
-    "resolve_split", "source_line", "symbolic_shape", "target_name",
+    "resolve_split", "source_line", "symbolic_shape", "target_name", "writes_in_place",
 ]

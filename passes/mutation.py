@@ -7,6 +7,9 @@ corrupts results silently, so this is a short list of torch's own ops known not 
 their inputs; anything else (a subclass, ``F.relu(x, True)``, a view method, a module with forward
 hooks or a replaced ``forward``) counts as a write. Hooks registered after this pass runs (after
 ``fxstream.compile``) are not seen.
+
+:func:`writes_in_place` is the other direction, for memory estimates: which nodes write into
+their input and so allocate nothing.
 """
 from __future__ import annotations
 
@@ -76,4 +79,25 @@ def _hooked(module: nn.Module) -> bool:
                 "forward" in vars(module))
 
 
-__all__ = ["only_read"]
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.iand, operator.ior}
+
+
+def writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` overwrites its input (``ReLU(inplace=True)``, ``x += y``, ``relu_``), so
+    it allocates no output of its own. A best guess by name, for memory estimates: unlike
+    :func:`only_read`, nothing exact depends on it."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_")
+                                                      and not name.startswith("_"))
+    return False
+
+
+__all__ = ["only_read", "writes_in_place"]
