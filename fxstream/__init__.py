@@ -5,15 +5,18 @@
     >>> a.boundary
     ('layer4_1_relu_1',)
 """
-from .analysis import Analysis, NodeRow, PlanSummary, analyze
-from .errors import (FxStreamError, GeometryError, PlanError, SpecError, SplitError, TraceError,
-                     UnsupportedError)
+from . import check
+from .analysis import Analysis, NodeRow, analyze
+from .errors import (FxStreamError, FxStreamWarning, GeometryError, PlanError, SpecError,
+                     SplitError, TraceError, UnsupportedError)
+from .planner import PlanOptions, make_plan
+from .plans import Pass, Plan
 from .streaming import StreamingModule, compile, freeze_batchnorm
 from .tracing import trace
 
 __all__ = [
-    "Analysis", "FxStreamError", "GeometryError", "NodeRow", "PlanError", "PlanSummary",
-    "SpecError", "SplitError", "StreamingModule", "TraceError", "UnsupportedError", "analyze",
-    "compile", "freeze_batchnorm", "trace",
+    "Analysis", "FxStreamError", "FxStreamWarning", "GeometryError", "NodeRow", "Pass", "Plan",
+    "PlanError", "PlanOptions", "SpecError", "SplitError", "StreamingModule", "TraceError",
+    "UnsupportedError", "analyze", "check", "compile", "freeze_batchnorm", "make_plan", "trace",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,14 @@
-"""``fxstream.analyze``: the analysis pipeline and the :class:`Analysis` it returns."""
+"""``fxstream.analyze``: trace, shapes, geometry, boundary, and the :class:`Analysis` they give.
+
+The analysis is computed once per model mode and input shape and holds no plan: planning is
+:mod:`fxstream.planner`'s job, and the report asks it for a plan when it shows one.
+"""
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -14,8 +16,7 @@ import torch.nn as nn
 import passes
 from passes import GEOMETRY, ROLE, Local, NonLocal, Symbolic
 
-from .errors import GeometryError, PlanError, SplitError, UnsupportedError
-from .plan import AxisGeometry, TilePlan, plan_tiles
+from .errors import GeometryError, SplitError, UnsupportedError
 from .tracing import trace
 
 
@@ -44,21 +45,6 @@ class NodeRow:
 
 
 @dataclass(frozen=True)
-class PlanSummary:
-    """What a tile plan costs: tiles, margins, redundancy, estimated activation memory."""
-
-    tile_size: tuple[int, ...]
-    tiles_per_axis: tuple[int, ...]
-    num_tiles: int
-    max_tile: tuple[int, ...]
-    margin: tuple[int, ...]
-    overlap: tuple[int, ...]
-    redundancy: float
-    full_activation_bytes: int
-    tile_activation_bytes: int
-
-
-@dataclass(frozen=True)
 class Analysis:
     """Result of :func:`analyze`. ``to_dict()`` is JSON-ready; ``graph_module`` is annotated."""
 
@@ -70,9 +56,21 @@ class Analysis:
     boundary: tuple[str, ...]
     alignment: tuple[int, ...]
     split: str | None = None
-    plan: PlanSummary | None = None
-    budget_plan: object | None = None  # a fxstream.budget.PlanChoice when a budget was given
+    # floating-point operations of one forward (torch.utils.flop_counter: convolutions and
+    # matrix products), of the whole model and of its stem
+    total_flops: int = 0
+    stem_flops: int = 0
     graph_module: fx.GraphModule | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def stem_share(self) -> float | None:
+        """The stem's share of the model's forward work (None for a model without any)."""
+        return self.stem_flops / self.total_flops if self.total_flops else None
+
+    @property
+    def image_in_boundary(self) -> bool:
+        """Whether the head reads the image itself (it is then handed over without a copy)."""
+        return bool(self.rows) and self.rows[0].name in self.boundary
 
     @property
     def boundary_rows(self) -> list[NodeRow]:
@@ -93,33 +91,31 @@ class Analysis:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("graph_module")
-        return _jsonable(d)
+        return jsonable(d)
 
 
-def _jsonable(x):
+def jsonable(x):
+    """Dicts, lists and tuples made JSON-ready (tuples become lists), recursively."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
-def analyze(model: nn.Module, input_shape, tile_size=None, split: str | None = None,
-            leaf_modules=(), dtype: torch.dtype | None = None, memory_budget=None,
-            cuts=None) -> Analysis:
+def analyze(model: nn.Module, input_shape, split: str | None = None, leaf_modules=(),
+            dtype: torch.dtype | None = None, extra_inputs=None) -> Analysis:
     """Trace ``model``, derive every node's geometry, find the stem/head boundary.
 
     Args:
         model: any ``nn.Module`` that torch.fx can trace (its current train/eval mode counts).
         input_shape: ``(N, C, *spatial)`` of the image, e.g. ``(1, 3, 8192, 8192)``.
-        tile_size: largest input tile edge (int or one per axis); adds a plan summary.
         split: a node name or module qualname whose output becomes the boundary.
         leaf_modules: module classes or qualnames to keep as single calls when tracing.
-        dtype: dtype of the image (default: the model's parameter dtype).
-        memory_budget: bytes or ``"8GiB"``: choose cuts and tile size as
-            ``fxstream.compile(memory_budget=...)`` would, and report them (``budget_plan``);
-            ``tile_size``/``cuts`` then fix that part of the choice.
-        cuts: with ``memory_budget``, fixed cut points.
+        dtype: dtype of the image (default: the model's parameter dtype; a ``uint8`` image is
+            analysed as ``uint8``, and the model's own conversion is part of the stem).
+        extra_inputs: values of the model's other arguments, in order (default: their defaults
+            in ``forward``, else None).
     Returns:
         an :class:`Analysis`.
 
@@ -132,38 +128,36 @@ def analyze(model: nn.Module, input_shape, tile_size=None, split: str | None = N
         (('_1',), ('2', '2'))
     """
     input_shape = check_input_shape(input_shape)
-    dtype = dtype or _param_dtype(model)
+    dtype = dtype or param_dtype(model)
     # 1. trace the model into an fx graph (stack traces and qualnames kept)
     gm = trace(model, leaf_modules)
-    # 2. concrete shapes at this input size, on fake tensors
-    _propagate_shapes(gm, input_shape, dtype)
+    return analyze_traced(gm, type(model).__name__, input_shape, dtype, split, extra_inputs)
+
+
+def analyze_traced(gm: fx.GraphModule, name: str, input_shape, dtype: torch.dtype,
+                   split: str | None = None, extra_inputs=None) -> Analysis:
+    """The analysis of a freshly traced graph (``gm``'s nodes get their meta written)."""
+    input_shape = check_input_shape(input_shape)
+    # 2. concrete shapes and work at this input size, on the meta device; norms over the
+    # image's statistics are taken apart (a reduction, then a pointwise step)
+    _propagate_shapes(gm, input_shape, dtype, extra_inputs)
+    if passes.decompose_statistics(gm):
+        _propagate_shapes(gm, input_shape, dtype, extra_inputs)
     # 3. geometry of every node (sympy), or the reason it is not local
     symbols = passes.infer_geometry(gm, input_shape)
+    _check_failures(gm, input_shape)
     # 4. the stem and the boundary tensors it hands to the head
     boundary = _find_boundary(gm, split)
     _check_invariants(gm, boundary)
     rows = tuple(_row(gm, node) for node in gm.graph.nodes if node.op != "output")
-    alignment = _alignment(gm, boundary)
-    analysis = Analysis(
-        model=type(model).__name__, input_shape=tuple(input_shape), dtype=str(dtype),
+    stem = set(boundary.stem)
+    flops = {n.name: n.meta.get(passes.WORK, 0) for n in gm.graph.nodes}
+    return Analysis(
+        model=name, input_shape=tuple(input_shape), dtype=str(dtype),
         symbols=tuple(str(s) for s in symbols), rows=rows, boundary=boundary.tensors,
-        alignment=alignment, split=split, graph_module=gm,
+        alignment=_alignment(gm, boundary), split=split, total_flops=sum(flops.values()),
+        stem_flops=sum(v for k, v in flops.items() if k in stem), graph_module=gm,
     )
-    # 5. with a memory budget: the multi-cut plan and tile size the runtime would choose
-    if memory_budget is not None:
-        from dataclasses import replace
-
-        from .budget import choose_plan
-
-        choice = choose_plan(analysis, input_shape, memory_budget, tile_size=tile_size,
-                             cuts=cuts)
-        analysis = replace(analysis, budget_plan=choice)
-        tile_size = None if choice.cuts else choice.tile_size
-    # 6. the one-segment tile plan's summary, when a tile size is given
-    if tile_size is not None:
-        plan = make_plan(analysis, input_shape, tile_size)
-        analysis = _with_plan(analysis, plan, tile_size)
-    return analysis
 
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
@@ -178,22 +172,38 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
     return shape
 
 
-def _param_dtype(model):
+def param_dtype(model) -> torch.dtype:
+    """The dtype of the model's first floating parameter (float32 without one)."""
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
     return torch.float32
 
 
-def _propagate_shapes(gm, input_shape, dtype):
+def _propagate_shapes(gm, input_shape, dtype, extra_inputs):
     try:
-        passes.propagate_shapes(gm, input_shape, dtype)
+        passes.propagate_shapes(gm, input_shape, dtype, extra_inputs)
     except passes.ShapePropagationError as e:
         node = e.node
         raise GeometryError(
             f"the model fails on an input of shape {tuple(input_shape)} at node '{node.name}' "
             f"({passes.qualname(node) or 'top level'}; {passes.source_line(node)}): "
-            f"{e.cause}") from e.cause
+            f"{e.cause} (is the image too small for the model?)") from e.cause
+
+
+def _check_failures(gm, input_shape):
+    """A node that failed on the meta device is an error unless it lies past a non-local node
+    (in the head, which runs as the model does)."""
+    for node in gm.graph.nodes:
+        error = node.meta.get(passes.SHAPE_ERROR)
+        if error is None:
+            continue
+        if not any(isinstance(i.meta.get(GEOMETRY), NonLocal) for i in node.all_input_nodes):
+            raise GeometryError(
+                f"the model fails on an input of shape {tuple(input_shape)} at node "
+                f"'{node.name}' ({passes.qualname(node) or 'top level'}; "
+                f"{passes.source_line(node)}): {type(error).__name__}: {error} (is the image "
+                "too small for the model?)") from error
 
 
 def _find_boundary(gm, split):
@@ -217,10 +227,12 @@ def _check_invariants(gm, boundary):
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in boundary.stem:
         g = nodes[name].meta.get(GEOMETRY)
-        if not isinstance(g, (Local, Symbolic)):
+        if not isinstance(g, (Local, Symbolic, passes.Reduced)):
             raise GeometryError(f"internal: stem node '{name}' has no local geometry")
     stem = set(boundary.stem)
     for name in boundary.stem:
+        if isinstance(nodes[name].meta.get(GEOMETRY), passes.Reduced):
+            continue  # statistics: small values the head may read as they are
         for user in nodes[name].users:
             dead_check = user.meta.get(ROLE) == "constant" and not user.users
             if user.name not in stem and name not in boundary.tensors and not dead_check:
@@ -259,136 +271,6 @@ def _row(gm, node) -> NodeRow:
             receptive_field=tuple(_fmt(a.receptive_field) for a in g.axes),
             interval=tuple((_fmt(a.lo), _fmt(a.hi)) for a in g.axes),
             size=tuple(_fmt(a.size) for a in g.axes), align=g.align, **common)
-    if isinstance(g, NonLocal):
+    if isinstance(g, (NonLocal, passes.Reduced)):
         return NodeRow(local=False, reason=g.reason, origin=g.origin, **common)
     return NodeRow(local=isinstance(g, Symbolic), **common)
-
-
-# ---------------------------------------------------------------------------------------------
-# plans
-
-
-def boundary_geometry(analysis: Analysis, input_shape, names=None) -> list[list[AxisGeometry]]:
-    """Per axis, the plain-number geometry of each boundary tensor at this input size."""
-    gm = analysis.graph_module
-    nodes = {n.name: n for n in gm.graph.nodes}
-    symbols = passes.input_symbols(len(input_shape) - 2)
-    values = dict(zip(symbols, input_shape[2:]))
-    per_axis = [[] for _ in symbols]
-    for name in analysis.boundary if names is None else names:
-        g = nodes[name].meta[GEOMETRY]
-        for k, ax in enumerate(g.axes):
-            size = int(ax.size.subs(values))
-            # lo/hi may depend on the size's residue (a crop by a shape-derived amount)
-            lo, hi = (_frac(sympy.sympify(v).subs(values)) for v in (ax.lo, ax.hi))
-            per_axis[k].append(AxisGeometry(_frac(ax.stride), lo, hi, size))
-    return per_axis
-
-
-def _frac(x) -> Fraction:
-    n, d = sympy.fraction(sympy.Rational(x))
-    return Fraction(int(n), int(d))
-
-
-def make_plan(analysis: Analysis, input_shape, tile_size, names=None) -> TilePlan:
-    """The :class:`TilePlan` for one input shape (plain integers from the symbolic geometry).
-
-    ``names`` orders the boundary tensors (default: ``analysis.boundary``)."""
-    sizes = tuple(input_shape[2:])
-    _check_stem_sizes(analysis, input_shape)
-    geos = boundary_geometry(analysis, input_shape, names)
-    return plan_tiles(sizes, analysis.alignment, geos, tile_size)
-
-
-def _check_stem_sizes(analysis: Analysis, input_shape):
-    """Every stem tensor must be non-empty on this image (else the image is too small)."""
-    gm = analysis.graph_module
-    symbols = passes.input_symbols(len(input_shape) - 2)
-    values = dict(zip(symbols, input_shape[2:]))
-    seen = {}
-    for node in gm.graph.nodes:
-        g = node.meta.get(GEOMETRY)
-        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
-            continue
-        for k, ax in enumerate(g.axes):
-            if ax.size not in seen:
-                seen[ax.size] = int(ax.size.subs(values))
-            if seen[ax.size] < 1:
-                raise PlanError(
-                    f"the image {tuple(input_shape)} is too small for the stem: "
-                    f"'{node.name}' ({passes.qualname(node) or node.op}) would have size "
-                    f"{seen[ax.size]} on axis {k} (size = {ax.size}); use a larger image")
-
-
-def smallest_tile_size(analysis: Analysis, input_shape) -> tuple[int, ...]:
-    """Per spatial axis, the smallest ``tile_size`` that has a legal plan for this input."""
-    from .plan import smallest_tile
-
-    return smallest_tile(tuple(input_shape[2:]), analysis.alignment,
-                         boundary_geometry(analysis, input_shape))
-
-
-def _with_plan(analysis: Analysis, plan: TilePlan, tile_size) -> Analysis:
-    from dataclasses import replace
-
-    n = len(plan.axes)
-    tiles = (tile_size,) * n if isinstance(tile_size, int) else tuple(tile_size)
-    margin, overlap = [], []
-    for ax in plan.axes:
-        spans = ax.spans
-        overlap.append(max([spans[i].stop - spans[i + 1].start for i in range(len(spans) - 1)],
-                           default=0))
-    for geos in boundary_geometry(analysis, analysis.input_shape):
-        margin.append(max(math.ceil(max(-g.lo, g.hi)) for g in geos))
-    itemsize = torch.empty((), dtype=_dtype(analysis.dtype)).element_size()
-    full, tile = activation_bytes(analysis, analysis.input_shape,
-                                  [ax.max_length for ax in plan.axes], itemsize)
-    summary = PlanSummary(
-        tile_size=tiles, tiles_per_axis=tuple(len(a.spans) for a in plan.axes),
-        num_tiles=plan.num_tiles, max_tile=tuple(a.max_length for a in plan.axes),
-        margin=tuple(margin), overlap=tuple(overlap), redundancy=round(plan.redundancy, 4),
-        full_activation_bytes=full, tile_activation_bytes=tile)
-    return replace(analysis, plan=summary)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.replace("torch.", ""))
-
-
-def stem_tensors(analysis: Analysis):
-    """``(node, Local geometry, concrete shape)`` of every stem tensor, in graph order."""
-    for node in analysis.graph_module.graph.nodes:
-        g = node.meta.get(GEOMETRY)
-        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
-            continue
-        shape = passes.concrete_shape(node)
-        if shape is not None:
-            yield node, g, shape
-
-
-def itemsize(analysis: Analysis) -> int:
-    """Bytes per element of the analysed dtype."""
-    return torch.empty((), dtype=_dtype(analysis.dtype)).element_size()
-
-
-def activation_bytes(analysis: Analysis, input_shape, tile_lengths, itemsize):
-    """Bytes of all stem activations on the whole image, and on one tile of the given size."""
-    symbols = passes.input_symbols(len(input_shape) - 2)
-    tile_values = dict(zip(symbols, tile_lengths))
-    cache = {}
-
-    def evaluate(expr, values, key):
-        k = (expr, key)
-        if k not in cache:
-            cache[k] = max(0, int(expr.subs(values)))
-        return cache[k]
-
-    full = tile = 0
-    for node, g, shape in stem_tensors(analysis):
-        numel = math.prod(shape)
-        tshape = list(shape)
-        for ax, d in zip(g.axes, g.dims):
-            tshape[d] = evaluate(ax.size, tile_values, "tile")
-        full += numel * itemsize
-        tile += math.prod(tshape) * itemsize
-    return full, tile

@@ -17,8 +17,7 @@ from .errors import FxStreamError
 
 PROG = "fxstream"
 SPEC_HELP = ("model SPEC: 'package.module:callable' (e.g. torchvision.models:resnet50), "
-             "'path/to/model.py:callable' or 'timm:NAME'; called without arguments, no weights "
-             "are downloaded")
+             "'path/to/model.py:callable' or 'timm:NAME'; no weights are downloaded")
 
 
 def add_model_arguments(p, example_input: str, several_inputs: bool = False,
@@ -44,20 +43,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .analysis import analyze
+    from .planner import PlanOptions, make_plan
     from .report import render, to_json
     from .spec import load_model, parse_input, parse_tile
+    from .summary import summarize
 
     input_shape = parse_input(args.input)
     tile = parse_tile(args.tile) if args.tile is not None else None
     model = load_model(args.spec)
     if not args.train:
         model.eval()
-    analysis = analyze(model, input_shape, tile_size=tile, split=args.split,
-                       leaf_modules=tuple(args.leaf), memory_budget=args.budget)
+    analysis = analyze(model, input_shape, split=args.split, leaf_modules=tuple(args.leaf))
+    summary = None
+    if tile is not None or args.budget is not None:
+        plan = make_plan(analysis, PlanOptions(tile_size=tile, memory_budget=args.budget))
+        summary = summarize(analysis, plan)
     if args.json:
-        sys.stdout.write(to_json(analysis) + "\n")
+        sys.stdout.write(to_json(analysis, summary) + "\n")
     else:
-        render(analysis, Console(highlight=False), all_nodes=args.all_nodes)
+        render(analysis, Console(highlight=False), all_nodes=args.all_nodes, plan=summary)
     return 0
 
 

@@ -28,3 +28,8 @@ class PlanError(FxStreamError):
 
 class SpecError(FxStreamError):
     """A command-line model SPEC or --input could not be understood."""
+
+
+class FxStreamWarning(UserWarning):
+    """Something the user gets less of than they may think (said once): hooks that see tiles, a
+    stem that holds little of the model, a plan that recomputes most of each tile."""

@@ -35,14 +35,14 @@ def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguou
         return
     for tile in tiles:
         if not copy and x.device == device:
-            yield tile, x[tile.image]
+            yield tile, x[tile.region]
         else:
             yield tile, copy_tile(x, tile, device, fmt)
 
 
 def copy_tile(x: torch.Tensor, tile, device: torch.device, fmt=torch.contiguous_format):
     """A fresh (differentiable) copy of one tile's slice of ``x`` on ``device`` in ``fmt``."""
-    return x[tile.image].to(device, copy=True).contiguous(memory_format=fmt)
+    return x[tile.region].to(device, copy=True).contiguous(memory_format=fmt)
 
 
 def _prefetched(x, tiles, device, fmt):
@@ -50,7 +50,7 @@ def _prefetched(x, tiles, device, fmt):
     compute = torch.cuda.current_stream(device)
 
     def fetch(tile):
-        src = x[tile.image]
+        src = x[tile.region]
         # pinned: the host->device copy is asynchronous; the caching host allocator keeps the
         # buffer until that copy has finished, even after it is dropped here
         # on the host whatever torch's default device is (pinning applies to CPU tensors only)

@@ -66,6 +66,13 @@ def release(device) -> None:
         _LIBC.malloc_trim(0)
 
 
+def trim(device) -> None:
+    """Inside a pooled loop, when the tile shape changes: return the heap's free pages (what
+    the previous shape left that the next may not reuse), so fragments do not pile up."""
+    if device.type == "cpu" and _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def tile_pool(device, tiles: int = 2):
     """Run a loop over ``tiles`` tiles with malloc keeping freed memory for reuse (see module
@@ -109,4 +116,4 @@ def long_lived():
                     _LIBC.mallopt(_M_MMAP_THRESHOLD, _POOL_MMAP_THRESHOLD)
 
 
-__all__ = ["long_lived", "pool_enabled", "release", "tile_pool"]
+__all__ = ["long_lived", "pool_enabled", "release", "tile_pool", "trim"]

@@ -17,14 +17,16 @@ from rich.table import Table
 from rich.text import Text
 
 from .analysis import Analysis, NodeRow
+from .summary import PlanSummary
 
 BOUNDARY_MARK = "▶"
 _SOURCE = re.compile(r"^(?P<path>.*?):(?P<line>\d+): ?(?P<code>.*)$", re.S)
 _PACKAGE_ROOTS = ("site-packages/", "dist-packages/")
 
 
-def to_json(analysis: Analysis) -> str:
-    """The analysis as indented JSON: exactly ``analysis.to_dict()``.
+def to_json(analysis: Analysis, plan: PlanSummary | None = None) -> str:
+    """The analysis as indented JSON: ``analysis.to_dict()`` with ``"plan"``, the plan summary
+    (or null).
 
     Example:
         >>> import json, torch.nn as nn, fxstream
@@ -32,10 +34,13 @@ def to_json(analysis: Analysis) -> str:
         >>> json.loads(to_json(a))["boundary"]
         ['conv2d']
     """
-    return json.dumps(analysis.to_dict(), indent=2)
+    d = analysis.to_dict()
+    d["plan"] = plan.to_dict() if plan is not None else None
+    return json.dumps(d, indent=2)
 
 
-def render(analysis: Analysis, console: Console, all_nodes: bool = False) -> None:
+def render(analysis: Analysis, console: Console, all_nodes: bool = False,
+           plan: PlanSummary | None = None) -> None:
     """Print the report: header, node table, global nodes, tile plan.
 
     Args:
@@ -43,6 +48,7 @@ def render(analysis: Analysis, console: Console, all_nodes: bool = False) -> Non
         console: where to print; for snapshots use
             ``Console(width=120, color_system=None, force_terminal=False)``.
         all_nodes: show every node, not only those selected by :func:`shown_rows`.
+        plan: the summary (:func:`fxstream.summary.summarize`) of a plan to show.
 
     Example:
         >>> import io, torch.nn as nn, fxstream
@@ -58,10 +64,7 @@ def render(analysis: Analysis, console: Console, all_nodes: bool = False) -> Non
     console.print()
     console.print(_globals(analysis))
     console.print()
-    console.print(_plan(analysis))
-    if analysis.budget_plan is not None:
-        console.print()
-        console.print(_budget(analysis.budget_plan))
+    console.print(_plan(analysis, plan))
 
 
 def shown_rows(analysis: Analysis, all_nodes: bool = False) -> list[NodeRow]:
@@ -196,49 +199,63 @@ def _globals(a: Analysis):
     return Group(*lines)
 
 
-def _plan(a: Analysis):
+def _plan(a: Analysis, p: PlanSummary | None):
     title = Text("Tile plan", style="bold")
-    p = a.plan
-    if p is None and a.budget_plan is not None:
-        return Group(title, Text("  multi-cut: see the plan under the memory budget below"))
     if p is None:
-        return Group(title, Text("  none: pass --tile SIZE (e.g. --tile 2048) to plan tiles"))
+        return Group(title, Text("  none: pass --tile SIZE (e.g. --tile 2048) or --budget BYTES "
+                                 "(e.g. --budget 8GiB) to plan tiles"))
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True)
     grid.add_column()
-    grid.add_row("  tile size", f"{_axes(p.tile_size)} px (largest input tile "
-                 f"{' × '.join(map(str, p.max_tile))})")
-    grid.add_row("  tiles", f"{' × '.join(map(str, p.tiles_per_axis))} = {p.num_tiles}")
-    grid.add_row("  margin", f"{_axes(p.margin)} px of context on each side of a tile's outputs")
-    grid.add_row("  overlap", f"{_axes(p.overlap)} px between neighbouring input tiles")
-    grid.add_row("  redundancy", f"{p.redundancy:.2f}× (input pixels computed over all tiles / "
-                 "image pixels)")
+    if len(p.passes) == 1:
+        s = p.passes[0]
+        grid.add_row("  tile size", f"{_axes(s.tile_size)} px (largest input tile "
+                     f"{' × '.join(map(str, s.max_tile))})")
+        grid.add_row("  tiles", f"{' × '.join(map(str, s.tiles_per_axis))} = {s.num_tiles}")
+        grid.add_row("  margin", f"{_axes(s.margin)} px of context on each side of a tile's "
+                     "outputs")
+        grid.add_row("  overlap", f"{_axes(s.overlap)} px between neighbouring input tiles")
+        grid.add_row("  redundancy", f"{s.redundancy:.2f}× (input pixels computed over all "
+                     "tiles / image pixels)")
+        grid.add_row("  recompute", "no (one tile run with grad, its graph kept for the "
+                     "backward)" if s.keep else "yes (the backward recomputes each tile)")
+    else:
+        grid.add_row("  cuts", (", ".join(p.cuts) + f" (stored maps "
+                                f"{human_bytes(p.stored_bytes)})") if p.cuts else "none")
+        grid.add_row("  passes", f"{len(p.passes)}, above: each reads a map (the image or a "
+                     "stored cut) tile by tile, and the statistics earlier passes summed")
     grid.add_row("  activations", f"{human_bytes(p.full_activation_bytes)} on the full image, "
                  f"{human_bytes(p.tile_activation_bytes)} on one tile (all stem outputs, "
                  f"{_dtype(a.dtype)}, estimated)")
-    return Group(title, grid)
+    if a.stem_share is not None:
+        rest = " (the rest runs on the whole image in the head)" if a.stem_share < 0.995 \
+            else ""
+        grid.add_row("  stem work", f"{a.stem_share:.0%} of the model's forward FLOPs{rest}")
+    if p.budget is not None:
+        grid.add_row("  budget", f"{human_bytes(p.budget)} (process baseline "
+                     f"{human_bytes(p.baseline)} included)")
+        grid.add_row("  peak memory", f"{human_bytes(p.estimated_peak)} estimated")
+        grid.add_row("  work", f"{p.work:.2f}× the full-image stem's (estimated from FLOPs)")
+    for note in p.notes:
+        grid.add_row("  note", note)
+    if len(p.passes) == 1:
+        return Group(title, grid)
+    return Group(title, _passes_table(p), grid)
 
 
-def _budget(c) -> Group:
-    """The plan chosen under a memory budget (cuts, tile, estimated peak and work)."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(no_wrap=True)
-    grid.add_column()
-    grid.add_row("  budget", f"{human_bytes(c.budget)} (process baseline "
-                 f"{human_bytes(c.baseline)} included)")
-    grid.add_row("  cuts", ", ".join(c.cuts) if c.cuts else "none (one segment)")
-    grid.add_row("  tile sizes", " / ".join(map(str, c.segment_tiles))
-                 + " px per segment, in each segment's own input")
-    grid.add_row("  redundancy", " / ".join(f"{r:.2f}×" for r in c.segment_redundancy)
-                 + " per segment")
-    grid.add_row("  memory pool", " / ".join("yes" if on else "no" for on in c.segment_pool)
-                 + " per segment (backward reuses host pages across tiles)")
-    grid.add_row("  recompute", " / ".join("no" if keep else "yes" for keep in c.segment_keep)
-                 + " per segment (no: one tile run with grad, its graph kept for the backward)")
-    grid.add_row("  stored maps", human_bytes(c.stored_bytes))
-    grid.add_row("  peak memory", f"{human_bytes(c.estimated_peak)} estimated")
-    grid.add_row("  work", f"{c.work_ratio:.2f}× the full-image stem's (estimated from MACs)")
-    return Group(Text("Plan under the memory budget", style="bold"), grid)
+def _passes_table(p: PlanSummary) -> Group:
+    """One line per pass: what it reads, writes and sums, and its tiles."""
+    lines = []
+    for s in p.passes:
+        reads = s.source + (f" (and {', '.join(s.reads)})" if s.reads else "")
+        did = ([f"writes {', '.join(s.outputs)}"] if s.outputs else []) + \
+            ([f"sums {', '.join(s.sums)}"] if s.sums else [])
+        lines.append(Text(
+            f"  pass {s.index}: reads {reads}; {'; '.join(did)}; tile {_axes(s.tile_size)}: "
+            f"{s.num_tiles} tile{'s' if s.num_tiles > 1 else ''}, {s.redundancy:.2f}×, input "
+            f"{'view' if s.view_input else 'copy'}, pool {'yes' if s.pool else 'no'}, "
+            f"recompute {'no' if s.keep else 'yes'}"))
+    return Group(*lines)
 
 
 def render_check(result, console: Console, all_rows: bool = False, limit: int = 12) -> None:

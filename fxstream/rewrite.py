@@ -1,108 +1,106 @@
-"""The rewrite: split an analysed graph into the stem graph and the head graph.
+"""The rewrite: the analysed graph with its stem replaced by the plan's streamed passes.
 
-The stem graph takes the image and returns the boundary tensors. The head graph is the original
-graph with every stem node removed and one call of the streaming op put in their place.
+The generated graph keeps the model's signature. Each pass of the plan becomes one call of a
+:class:`~fxstream.runtime.PassEngine` on the map it reads (the image or a stored cut map) and
+what else it reads whole (statistics of earlier passes, the model's other inputs); its maps take
+the place of the stem nodes they stand for (cut maps feed the next pass, boundary tensors the
+head), and each reduction it sums becomes a :class:`~fxstream.reductions.Combine` of its
+partials. Statistics derived from reductions (squeeze-excitation's layers, a norm's running
+statistics) are computed once, as soon as what they read is known. Every node outside the stem
+(the head) is copied as it is and calls the user's own modules. ``print(driver.code)`` shows the
+result.
 """
 from __future__ import annotations
 
 import operator
 
-import networkx as nx
+import sympy
 import torch.fx as fx
+import torch.nn as nn
 
 import passes
 from passes import GEOMETRY, ROLE
 
-from .errors import UnsupportedError
-
-ENGINE = "fxstream_stem"
-
-
-def _image(graph: fx.Graph) -> fx.Node:
-    return next(n for n in graph.nodes if n.op == "placeholder")
+from .plans import Plan
+from .reductions import Combine
+from .segments import stem_boundary
 
 
-def _needed_constants(graph, stem_names, source) -> set[str]:
-    """Constant nodes (parameters, literals' tensors) that stem nodes read, transitively."""
-    needed: set[str] = set()
-    stack = [n for n in graph.nodes if n.name in stem_names]
-    while stack:
-        node = stack.pop()
-        for inp in node.all_input_nodes:
-            if inp.name in stem_names or inp.name in needed or inp.name == source:
-                continue
-            if inp.meta.get(ROLE) != "constant":
-                raise UnsupportedError(f"stem node '{node.name}' reads '{inp.name}', which is "
-                                       "neither in the stem nor a constant")
-            needed.add(inp.name)
-            stack.append(inp)
-    return needed
-
-
-def build_segment_graph(graph: fx.Graph, source: str, names, outputs) -> fx.Graph:
-    """A graph ``source -> tuple(outputs)`` over the nodes ``names`` and the constants they read.
-
-    ``source`` is the image for a plain stem, or the cut tensor a multi-cut segment starts from.
-    """
+def build_driver(model: nn.Module, analysis, plan: Plan, engines) -> fx.GraphModule:
+    """A GraphModule running ``plan`` with ``engines`` (one per pass) and then the head."""
+    graph = analysis.graph_module.graph
     by_name = {n.name: n for n in graph.nodes}
-    keep = (set(names) | _needed_constants(graph, set(names), source)) - {source}
+    stem = set(stem_boundary(analysis).stem)
     g = fx.Graph()
-    env = {by_name[source]: g.placeholder(source)}
+    env: dict[fx.Node, object] = {}
     for node in graph.nodes:
-        if node.name in keep:
-            if node.op == "placeholder":
-                raise UnsupportedError(f"the stem reads the extra input '{node.name}'; only the "
-                                       "image (first argument) may feed the stem")
+        if node.op == "placeholder":
             env[node] = g.node_copy(node, lambda n: env[n])
-    g.output(tuple(env[by_name[name]] for name in outputs))
-    return g
-
-
-def build_stem_graph(graph: fx.Graph, boundary: passes.Boundary) -> fx.Graph:
-    """A graph ``image -> tuple(boundary tensors)`` holding the stem and the constants it reads."""
-    return build_segment_graph(graph, _image(graph).name, boundary.stem, boundary.tensors)
-
-
-def split_stem(graph: fx.Graph, boundary: passes.Boundary, cuts) -> list[tuple]:
-    """Segments ``(source, node names, outputs)`` of the stem cut after each node of ``cuts``."""
-    stem = [n.name for n in graph.nodes if n.name in set(boundary.stem)]
-    dg = passes.data_graph(graph)
-    segments, done, source = [], set(), _image(graph).name
-    for cut in cuts:
-        before = (nx.ancestors(dg, cut) | {cut}) & set(stem)
-        names = [n for n in stem if n in before and n not in done and n != source]
-        segments.append((source, names, (cut,)))
-        done |= before
-        source = cut
-    names = [n for n in stem if n not in done and n != source]
-    segments.append((source, names, tuple(boundary.tensors)))
-    return segments
-
-
-def build_head_graph(graph: fx.Graph, boundary: passes.Boundary) -> fx.Graph:
-    """The original graph with the stem replaced by ``self.fxstream_stem(image)``."""
-    stem = set(boundary.stem)
-    image = _image(graph)
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        env[node] = g.node_copy(node, lambda n: env[n])
-    stream = g.create_node("call_module", ENGINE, (env[image],), name="fxstream_stream")
-    by_name = {n.name: n for n in graph.nodes}
-    for i, name in enumerate(boundary.tensors):
-        item = g.create_node("call_function", operator.getitem, (stream, i), name=name)
-        item.meta[GEOMETRY] = by_name[name].meta.get(GEOMETRY)
-        env[by_name[name]] = item
+    root = {}
+    statistics = [n for n in graph.nodes if n.name in stem and
+                  isinstance(n.meta.get(GEOMETRY), passes.Reduced)]
+    values = dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
+                      analysis.input_shape[2:]))
+    for p, engine in zip(plan.passes, engines):
+        target = f"fxstream_pass_{p.index}"
+        root[target] = engine
+        args = (env[by_name[p.source]], *(env[by_name[s]] for s in p.side_inputs))
+        call = g.create_node("call_module", target, args, name=target)
+        for i, out in enumerate(p.outputs):
+            item = g.create_node("call_function", operator.getitem, (call, i), name=out.name)
+            item.meta[GEOMETRY] = by_name[out.name].meta.get(GEOMETRY)
+            env[by_name[out.name]] = item
+        for j, s in enumerate(p.sums):
+            item = g.create_node("call_function", operator.getitem,
+                                 (call, len(p.outputs) + j), name=f"{s.name}_partials")
+            root[f"fxstream_sum_{s.name}"] = Combine(s)
+            env[by_name[s.name]] = g.create_node("call_module", f"fxstream_sum_{s.name}",
+                                                 (item,), name=s.name)
+        _emit_statistics(g, env, statistics, stem, values)
     for node in graph.nodes:
         if node.op == "placeholder" or node.name in stem:
             continue
         if node.op == "output" or _used_by_head(node, stem):
             env[node] = g.node_copy(node, lambda n: env[n])
     for node in reversed(list(g.nodes)):  # constants only the stem read
-        if node.meta.get(ROLE) == "constant" and not node.users:
+        if node.meta.get(ROLE) == "constant" and not node.users and node.op != "placeholder":
             g.erase_node(node)
-    return g
+    for node in g.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            root[node.target] = _resolve(model, node.target)
+    return fx.GraphModule(root, g, class_name=f"Streaming{type(model).__name__}")
+
+
+def _emit_statistics(g, env, statistics, stem, values):
+    """Copy every statistic (a value derived from reductions) whose inputs are known, in graph
+    order: constants are copied along, shape values of the stem become numbers."""
+
+    def ready(node) -> bool:
+        if node in env:
+            return True
+        if node.name in stem and isinstance(node.meta.get(GEOMETRY), passes.Symbolic):
+            env[node] = _number(node.meta[GEOMETRY].value, values)
+            return True
+        if node.op == "get_attr" or (node.meta.get(ROLE) == "constant" and
+                                     node.name not in stem):
+            if all(ready(i) for i in node.all_input_nodes):
+                env[node] = g.node_copy(node, lambda n: env[n])
+                return True
+        return False
+
+    for node in statistics:
+        if node not in env and all(ready(i) for i in node.all_input_nodes):
+            env[node] = g.node_copy(node, lambda n: env[n])
+
+
+def _number(value, values):
+    """A shape-derived value at this input size (ints, or a tuple of them)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_number(v, values) for v in value)
+    if isinstance(value, sympy.Basic):
+        value = value.subs(values)
+        return int(value) if value.is_integer else float(value)
+    return value
 
 
 def _used_by_head(node, stem) -> bool:
@@ -110,3 +108,13 @@ def _used_by_head(node, stem) -> bool:
     if node.op != "get_attr" and node.meta.get(ROLE) != "constant":
         return True
     return any(u.name not in stem for u in node.users)
+
+
+def _resolve(model, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+__all__ = ["build_driver"]

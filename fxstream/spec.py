@@ -8,14 +8,17 @@ A SPEC names a model in one of three forms:
   ``sys.path``, as ``python path/to/model.py`` would do), then the same;
 - ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``.
 
-No weights are ever requested: callables are called without arguments (torchvision builders
-default to ``weights=None``) and timm models are created with ``pretrained=False``. The model is
+No weights are ever requested: a callable whose signature has a weights argument gets it
+switched off (``weights=None``, ``weights_backbone=None``, ``pretrained=False``,
+``pretrained_backbone=False``: torchvision's segmentation and detection builders default to a
+pretrained backbone), and timm models are created with ``pretrained=False``. The model is
 returned as constructed, i.e. usually in train mode; the CLI switches it to eval mode.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import importlib.util
 import os
 import re
@@ -149,12 +152,22 @@ def _get_attr(module, where: str, attr: str):
     return obj
 
 
+# arguments that would download weights, and the value that keeps them off
+NO_WEIGHTS = {"weights": None, "weights_backbone": None, "pretrained": False,
+              "pretrained_backbone": False}
+
+
 def _call(obj, spec: str):
     if not callable(obj):
         raise SpecError(f"model SPEC {spec!r} names a {type(obj).__name__}, neither a callable "
                         "nor an nn.Module")
     try:
-        return obj()
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        params = {}
+    kwargs = {k: v for k, v in NO_WEIGHTS.items() if k in params}
+    try:
+        return obj(**kwargs)
     except Exception as e:
         raise SpecError(f"calling {spec.rpartition(':')[2]}() from model SPEC {spec!r} "
                         f"raised {_one_line(e)}") from e

@@ -1,8 +1,18 @@
-"""``fxstream.compile``: a model in, a :class:`StreamingModule` out."""
+"""``fxstream.compile``: a model in, a :class:`StreamingModule` out.
+
+The pipeline is :func:`build`: trace → shapes → geometry → boundary → plan → rewrite → engines,
+for one mode of the model and one input. A :class:`StreamingModule` runs it again whenever it
+meets a mode (``train()``/``eval()``, anything that flips a module's ``training`` flag) or an
+input shape it has not seen, and caches the result: torch.fx specialises the code it traces on
+``self.training``, and a plan (and the memory budget it keeps) holds for one input shape only.
+"""
 from __future__ import annotations
 
+import inspect
+import logging
 import types
-from collections import OrderedDict
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -11,96 +21,276 @@ import torch.nn as nn
 import passes
 from passes import GEOMETRY, Local, NonLocal
 
-from .analysis import Analysis, analyze, make_plan
-from .errors import SplitError, UnsupportedError
-from .rewrite import ENGINE, build_head_graph, build_segment_graph, split_stem
-from .runtime import ChainEngine, StreamEngine
+from .analysis import Analysis, analyze_traced, check_input_shape, param_dtype
+from .budget import parse_bytes
+from .errors import FxStreamWarning, UnsupportedError
+from .planner import AUTO, PlanOptions, Situation, make_plan
+from .plans import Plan
+from .rewrite import build_driver
+from .runtime import PassEngine
+from .segments import resolve_cuts
+from .tiling import tile_sizes
 from .tracing import trace
+
+log = logging.getLogger(__name__)
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 PROBE_SIZE = 1024
-class _DefaultTile(int):
-    """2048, but distinguishable from an explicit ``tile_size=2048`` (a budget may override it)."""
-
-    def __repr__(self) -> str:
-        return "2048"
 
 
-_DEFAULT_TILE = _DefaultTile(2048)
+@dataclass(frozen=True)
+class CompileOptions:
+    """The arguments of :func:`compile`, checked once."""
+
+    plan: PlanOptions
+    split: str | None = None
+    leaf_modules: tuple = ()
 
 
-class StreamingModule(fx.GraphModule):
+@dataclass(frozen=True)
+class Built:
+    """The pipeline's result for one mode and input: its analysis, plan and generated module."""
+
+    analysis: Analysis
+    plan: Plan
+    driver: fx.GraphModule = field(compare=False, repr=False)
+
+
+def build(model: nn.Module, options: CompileOptions, input_shape, dtype: torch.dtype,
+          situation: Situation, extra_inputs=None) -> Built:
+    """The whole pipeline for the model's current mode and one input shape."""
+    # 1. trace the model in its current train/eval mode
+    gm = trace(model, options.leaf_modules)
+    # 2-4. shapes, work and geometry of every node at this input shape; the stem's boundary
+    analysis = analyze_traced(gm, type(model).__name__, input_shape, dtype, options.split,
+                              extra_inputs)
+    check_streamable(analysis)
+    # 5. the plan: cuts, segments, tiles, and what each pass keeps, pools or recomputes
+    plan = make_plan(analysis, options.plan, situation)
+    # 6. one engine per pass, and the generated module that runs them and then the head
+    device = torch.device(situation.device)
+    engines = [PassEngine(p, device, options.plan.cudnn_benchmark) for p in plan.passes]
+    driver = build_driver(model, analysis, plan, engines)
+    return Built(analysis, plan, driver)
+
+
+class StreamingModule(nn.Module):
     """The user's model with its local stem streamed tile by tile.
 
-    A ``torch.fx.GraphModule``: ``print(sm.code)`` shows the generated forward. Its parameters,
-    buffers and ``state_dict`` keys are the model's own (shared, not copied), so optimisers and
-    checkpoints work unchanged. ``sm.analysis`` is the :class:`~fxstream.Analysis` it was built
-    from.
+    Calling it runs the generated module for the model's current mode and the input's shape
+    (built on first use, then cached): ``sm.code`` shows the last one used. Its parameters,
+    buffers, submodules and ``state_dict`` keys are the model's own (shared, not copied), so
+    optimisers and checkpoints work unchanged; ``train()``/``eval()`` switch the model's mode.
+    ``sm.plan(shape)`` is the :class:`~fxstream.plans.Plan` for an input shape and
+    ``sm.analysis`` the analysis of the last one used. It pickles as the model and the compile
+    options (``torch.save(sm)`` works; plans are made again after loading).
     """
 
-    def __init__(self, model: nn.Module, head: fx.Graph, engine: StreamEngine,
-                 analysis: Analysis):
-        root = {ENGINE: engine}
-        for node in head.nodes:
-            if node.op in ("call_module", "get_attr") and node.target != ENGINE:
-                root[node.target] = _resolve(model, node.target)
-        super().__init__(root, head, class_name=f"Streaming{type(model).__name__}")
-        # exactly the model's own children, parameters and buffers: state_dict stays compatible
-        self._modules = OrderedDict(list(model._modules.items()) + [(ENGINE, engine)])
-        self._parameters = OrderedDict(model._parameters)
-        self._buffers = OrderedDict(model._buffers)
-        self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    def __init__(self, model: nn.Module, options: CompileOptions):
+        super().__init__()
+        object.__setattr__(self, "_modules", model._modules)
+        object.__setattr__(self, "_parameters", model._parameters)
+        object.__setattr__(self, "_buffers", model._buffers)
+        object.__setattr__(self, "_non_persistent_buffers_set",
+                           model._non_persistent_buffers_set)
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "_built", {})
+        object.__setattr__(self, "_last", None)
+        object.__setattr__(self, "_warned", set())
+        object.__setattr__(self, "_expect", None)  # (rank, channels) seen by compile's probe
         self.training = model.training
-        object.__setattr__(self, "analysis", analysis)
+
+    # -- pickling: the model and the options; plans are made again -------------------------
+    def __getstate__(self):
+        return {"model": self.model, "options": self.options}
+
+    def __setstate__(self, state):
+        StreamingModule.__init__(self, state["model"], state["options"])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.training = mode
+        return self
+
+    # -- what the user inspects ---------------------------------------------------------------
+    @property
+    def analysis(self) -> Analysis | None:
+        return self._last.analysis if self._last is not None else None
 
     @property
-    def engine(self) -> StreamEngine:
-        return self._modules[ENGINE]
+    def engines(self) -> tuple:
+        """The :class:`~fxstream.runtime.PassEngine` of each pass of the last plan used."""
+        if self._last is None or self._last.driver is None:
+            return ()
+        return tuple(m for name, m in self._last.driver.named_children()
+                     if name.startswith("fxstream_pass_"))
 
-    def plan(self, input_shape):
-        """The lowered tile plan used for an input of this shape."""
-        return self.engine.exec_plan(torch.empty(tuple(input_shape), device="meta"))
+    @property
+    def code(self) -> str:
+        """The generated forward of the last plan used (or built)."""
+        return self._last.driver.code if self._last is not None else ""
+
+    def plan(self, input_shape, dtype: torch.dtype | None = None) -> Plan:
+        """The plan for an input of this shape in the model's current mode (built if needed)."""
+        image = torch.empty(tuple(input_shape), dtype=dtype or param_dtype(self.model),
+                            device="meta")
+        return self._get(image, (), {}, resident=False).plan
+
+    # -- running ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if not args:
+            raise UnsupportedError("the streamed model takes the image as its first argument")
+        built = self._get(args[0], args[1:], kwargs, resident=True)
+        self._check_hooks(built)
+        return built.driver(*args, **kwargs)
+
+    def _get(self, image, rest, kwargs, resident: bool) -> Built:
+        if not isinstance(image, torch.Tensor):
+            raise UnsupportedError(f"the image must be a tensor, got {type(image).__name__}")
+        self._check_image(image)
+        extra = _extra_inputs(self.model, image, rest, kwargs)
+        device = _model_device(self.model, image)
+        # the image's gradient counts in a memory budget, not in a plain plan
+        grad = bool(image.requires_grad) and self.options.plan.memory_budget is not None and \
+            (self.options.plan.tile_size is None or self.options.plan.memory_budget != AUTO)
+        key = (_mode(self.model), tuple(image.shape), image.dtype, str(device), grad,
+               _signature(extra))
+        built = self._built.get(key)
+        if built is None:
+            situation = Situation(device=str(device), image_resident=resident, image_grad=grad)
+            built = build(self.model, self.options, tuple(image.shape), image.dtype,
+                          situation, extra)
+            self._built[key] = built
+            self._report(built)
+        object.__setattr__(self, "_last", built)
+        return built
+
+    def _check_image(self, image):
+        if self._expect is None:
+            return
+        rank, channels = self._expect
+        if image.dim() != rank:
+            raise UnsupportedError(f"expected an image with {rank} dims (N, C, "
+                                   f"{', '.join('spatial' for _ in range(rank - 2))}), "
+                                   f"got shape {tuple(image.shape)}")
+        if channels is not None and image.shape[1] != channels:
+            raise UnsupportedError(f"expected {channels} channels, got {image.shape[1]} "
+                                   f"(image shape {tuple(image.shape)})")
+
+    def _report(self, built: Built):
+        """Log the plan once per input shape; warn once about what the user gets less of."""
+        plan = built.plan
+        log.info("fxstream: input %s: %d passes, %s tiles, cuts %s", plan.input_shape,
+                 len(plan.passes), [p.num_tiles for p in plan.passes], list(plan.cuts))
+        for note in plan.notes:
+            if note not in self._warned:
+                self._warned.add(note)
+                warnings.warn(f"fxstream: {note}", FxStreamWarning, stacklevel=4)
+
+    def _check_hooks(self, built: Built):
+        """Hooks on stem modules see tiles, not the image: say so once per set of modules."""
+        hooked = _hooked_stem_modules(built.analysis)
+        if hooked and tuple(hooked) not in self._warned:
+            self._warned.add(tuple(hooked))
+            warnings.warn(
+                f"fxstream: hooks on stem modules ({', '.join(hooked[:6])}"
+                f"{', ...' if len(hooked) > 6 else ''}) run once per tile on tile-sized "
+                "tensors (and again in the backward's recompute), not once on the whole "
+                "image. To see whole maps, compile with split='<module>' so that its output "
+                "is handed to the head, or hook a module of the head.",
+                FxStreamWarning, stacklevel=3)
 
 
-def _resolve(model, target: str):
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _mode(model: nn.Module) -> tuple:
+    """The training flags of every module: what torch.fx specialised the trace on."""
+    return tuple(m.training for m in model.modules())
 
 
-def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
-            leaf_modules=(), input_shape=None, cuts=None, memory_budget=None,
-            offload: bool = False, cudnn_benchmark: bool = False) -> StreamingModule:
+def _model_device(model: nn.Module, image: torch.Tensor) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return image.device
+
+
+def _extra_inputs(model, image, rest, kwargs):
+    """The values of the model's other arguments in ``forward``'s order (defaults filled in),
+    or None when there are none."""
+    if not rest and not kwargs:
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind(image, *rest, **kwargs)
+    except TypeError as e:
+        raise UnsupportedError(f"the streamed model was called with arguments its forward "
+                               f"does not take: {e}") from e
+    bound.apply_defaults()
+    return list(bound.arguments.values())[1:]
+
+
+def _signature(extra) -> tuple:
+    """What the plan depends on in the other arguments: tensor shapes and dtypes, else types."""
+    if extra is None:
+        return ()
+    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else
+                 (type(v).__name__, v if isinstance(v, (int, float, bool, str, type(None)))
+                  else None) for v in extra)
+
+
+def _hooked_stem_modules(analysis: Analysis) -> list[str]:
+    from torch.nn.modules import module as registry
+
+    gm = analysis.graph_module
+    global_hooks = bool(registry._global_forward_hooks or registry._global_forward_pre_hooks
+                        or registry._global_backward_hooks)
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.meta.get(passes.ROLE) not in ("stem", "boundary"):
+            continue
+        m = gm.get_submodule(node.target)
+        if global_hooks or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
+                getattr(m, "_backward_pre_hooks", None):
+            out.append(str(node.target))
+    return out
+
+
+def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_modules=(),
+            input_shape=None, cuts=None, memory_budget=AUTO, offload: bool = False,
+            cudnn_benchmark: bool = False) -> StreamingModule:
     """Compile ``model`` into a :class:`StreamingModule` that streams its local stem.
 
+    Plans are made per input shape (and mode): without ``tile_size`` or ``memory_budget`` each
+    input shape gets the fastest plan under the default budget (``"auto"``: a quarter of the
+    full image's estimated peak memory, at least 512 MiB above what the process holds, at most
+    90% of the memory available).
+
     Args:
-        model: an ``nn.Module`` traceable by torch.fx. BatchNorm in the stem must be in eval mode
-            (see :func:`freeze_batchnorm`).
-        tile_size: the largest input tile edge in pixels (int, or one per spatial axis).
+        model: an ``nn.Module`` traceable by torch.fx. Train-mode BatchNorm in the stem is not
+            streamed (see :func:`freeze_batchnorm`).
+        tile_size: the largest input tile edge in pixels (int, or one per spatial axis). Given
+            without ``memory_budget``, every input is streamed in tiles of this size (no cuts
+            unless ``cuts`` is given).
         split: a node name or module qualname: stream only up to its output.
         leaf_modules: module classes or qualnames to keep as single calls when tracing.
-        input_shape: an example ``(N, C, *spatial)``; by default the channels are read from the
-            first layer and a 1024-pixel probe is used. Plans are made per input shape anyway.
+        input_shape: an example ``(N, C, *spatial)``: the plan for it is made now (errors show
+            here). Without it the channels are read from the first layer, if it tells them, and
+            a 1024-pixel probe is analysed now; every plan is made for the input it serves.
         cuts: node names or module qualnames (``["layer1", "layer2"]``) after which the stem is
             cut: each segment is streamed on the stored full output of the one before, so the
-            tiles' overlap nearly vanishes at the price of storing those maps (a multi-cut plan).
-        memory_budget: bytes or a string like ``"8GiB"``: choose the cuts and tile size that
-            minimise the estimated work under this peak memory (``input_shape`` should then be
-            the real one). An explicit ``tile_size`` or ``cuts`` is kept. On the CPU the budget
-            is the process's peak resident memory; for a model on CUDA it is the device's peak
-            allocated memory (``torch.cuda.max_memory_allocated``), from what is allocated now.
-            The plan counts one input image on top of the memory in use at this call, so compile
-            before loading images (an image already loaded is counted twice: safe, but the plan
-            is then slower than it needs to be).
-        offload: with the model on CUDA, keep the stored cut maps of a multi-cut plan in pinned
-            host memory (their gradients in host memory too); each segment then fetches its
-            tiles from there, the next tile's copy overlapping the current tile's compute.
+            tiles' overlap nearly vanishes at the price of storing those maps.
+        memory_budget: bytes, a string like ``"8GiB"``, ``"auto"`` (the default, see above) or
+            None (plain plans of ``tile_size``). For each input shape the planner chooses the
+            cuts and tile sizes that minimise the estimated work under this peak memory; an
+            explicit ``tile_size`` or ``cuts`` is kept. On the CPU the budget is the process's
+            peak resident memory; for a model on CUDA the device's peak allocated memory.
+            Plans count the memory in use when they are made (the image included when it is
+            loaded).
+        offload: with the model on CUDA, keep the stored cut maps in pinned host memory.
         cudnn_benchmark: with the model on CUDA, turn on ``torch.backends.cudnn.benchmark``
-            inside the tile loops (restored after), so each tile shape is autotuned once. Off
-            by default: cuDNN may then pick algorithms whose workspace no memory budget counts
-            (on an H200, ResNet-18 at 4096² under a 1.75 GiB budget peaked at 33 GiB with it).
-            A ``torch.backends.cudnn.benchmark`` the caller set is left as it is.
+            inside the tile loops (restored after). Off by default: cuDNN may then pick
+            algorithms whose workspace no memory budget counts (on an H200, ResNet-18 at 4096²
+            under a 1.75 GiB budget peaked at 33 GiB with it).
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
 
@@ -112,125 +302,73 @@ def compile(model: nn.Module, tile_size=_DEFAULT_TILE, split: str | None = None,
         >>> torch.allclose(sm(x), net(x), atol=1e-6)
         True
     """
-    tile_given = tile_size is not _DEFAULT_TILE
-    tile_size = int(tile_size) if tile_size is _DEFAULT_TILE else tile_size
+    # the options, checked once
+    options = _options(tile_size, split, leaf_modules, cuts, memory_budget, offload,
+                       cudnn_benchmark)
+    sm = StreamingModule(model, options)
+    # the pipeline, now, for the shape given (or a probe shape): errors show here
     if input_shape is None:
-        input_shape = _probe_shape(model, leaf_modules)
-    analysis = analyze(model, input_shape, split=split, leaf_modules=leaf_modules)
-    _check_streamable(analysis)
-    gm = analysis.graph_module
-    boundary = stem_boundary(analysis)
-    if memory_budget is not None:
-        from .budget import choose_plan
-
-        baseline = _device_baseline(model)
-        choice = choose_plan(analysis, input_shape, memory_budget,
-                             tile_size=tile_size if tile_given else None, cuts=cuts,
-                             baseline=baseline, host_pool=baseline is None,
-                             keep_graphs=not offload)
-        cuts, tiles, pools = choice.cuts, choice.segment_tiles, choice.segment_pool
-        keeps = choice.segment_keep
-    cut_names = resolve_cuts(analysis, cuts or ())
-    segments = split_stem(gm.graph, boundary, cut_names)
-    if memory_budget is None:
-        tiles, pools = [tile_size] * len(segments), [True] * len(segments)
-        keeps = [False] * len(segments)
-    engines = []
-    for (source, names, outputs), tile_size, pool in zip(segments, tiles, pools):
-        graph = build_segment_graph(gm.graph, source, names, outputs)
-        stem = fx.GraphModule(gm, graph, "Stem")
-        if len(segments) == 1:
-            seg_analysis, order = analysis, outputs
-        else:  # each segment's geometry relative to the stored map it starts from
-            shape = passes.concrete_shape({n.name: n for n in gm.graph.nodes}[source])
-            seg_analysis = analyze(stem, shape, leaf_modules=leaf_modules)
-            out = next(n for n in seg_analysis.graph_module.graph.nodes if n.op == "output")
-            order = tuple(a.name for a in out.args[0])
-        engines.append(_engine(stem, seg_analysis, order, tile_size, pool))
-    for e in engines:
-        e.cudnn_benchmark = bool(cudnn_benchmark)
-    for e, keep in zip(engines[:-1], keeps):
-        e.offload, e.keep = bool(offload), bool(keep)
-    engine = engines[0] if len(engines) == 1 else ChainEngine(engines, cut_names)
-    head = build_head_graph(gm.graph, boundary)
-    return StreamingModule(model, head, engine, analysis)
+        input_shape = probe_shape(model, options.leaf_modules)
+        probe = input_shape is not None
+    else:
+        input_shape, probe = check_input_shape(input_shape), False
+    if input_shape is not None:
+        dtype = param_dtype(model)
+        situation = Situation(device=str(_model_device(model, torch.empty(0))))
+        if probe and options.plan.tile_size is None and options.plan.cuts is None:
+            built = _analysis_only(model, options, input_shape, dtype)
+        else:
+            built = build(model, options, input_shape, dtype, situation)
+            key = (_mode(model), tuple(input_shape), dtype, situation.device, False, ())
+            sm._built[key] = built
+        object.__setattr__(sm, "_last", built)
+        object.__setattr__(sm, "_expect", (len(input_shape), input_shape[1]))
+    else:
+        trace(model, options.leaf_modules)  # untraceable models fail here, not at first call
+    return sm
 
 
-def _device_baseline(model: nn.Module):
-    """For a model on CUDA, the memory already allocated there (the budget's baseline); None on
-    the CPU (the process's resident memory is used)."""
-    for p in model.parameters():
-        if p.device.type == "cuda":
-            return torch.cuda.memory_allocated(p.device)
-        break
-    return None
+def _analysis_only(model, options, input_shape, dtype) -> Built:
+    """A probe's analysis (trace, shapes, geometry, boundary) without a plan: the errors of a
+    model that cannot be streamed at all show at compile."""
+    gm = trace(model, options.leaf_modules)
+    analysis = analyze_traced(gm, type(model).__name__, input_shape, dtype, options.split)
+    check_streamable(analysis)
+    if options.plan.cuts:
+        resolve_cuts(analysis, options.plan.cuts)
+    return Built(analysis, None, None)
 
 
-def stem_boundary(analysis: Analysis) -> passes.Boundary:
-    gm = analysis.graph_module
-    stem = tuple(n.name for n in gm.graph.nodes
-                 if n.meta.get(passes.ROLE) in ("stem", "boundary"))
-    return passes.Boundary(stem=stem, tensors=analysis.boundary, split=analysis.split)
-
-
-def resolve_cuts(analysis: Analysis, cuts) -> tuple[str, ...]:
-    """Node names or module qualnames -> valid cut nodes in topological order."""
-    gm = analysis.graph_module
+def _options(tile_size, split, leaf_modules, cuts, memory_budget, offload, cudnn_benchmark):
+    if tile_size is not None:
+        tile_sizes(tile_size, len(tile_size) if isinstance(tile_size, (tuple, list)) else 1)
+        tile_size = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else tile_size
+    if memory_budget is not None and memory_budget != AUTO:
+        parse_bytes(memory_budget)
     if isinstance(cuts, str):
         cuts = (cuts,)
-    valid = passes.cut_candidates(gm.graph, stem_boundary(analysis))
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    names = []
-    for cut in cuts:
-        try:
-            node = passes.resolve_split(gm.graph, cut)
-        except passes.SplitError as e:
-            raise SplitError(f"cuts: {e}") from e
-        if node.name not in valid:
-            raise SplitError(
-                f"cannot cut the stem at {cut!r} (node '{node.name}'): a cut must be a single "
-                "stem tensor that every later stem node reaches only through it. Valid cuts: "
-                f"{', '.join(valid[:12])}{' ...' if len(valid) > 12 else ''}")
-        names.append(node.name)
-    return tuple(sorted(set(names), key=order.__getitem__))
+    return CompileOptions(
+        plan=PlanOptions(tile_size=tile_size, cuts=tuple(cuts) if cuts is not None else None,
+                         memory_budget=memory_budget, offload=bool(offload),
+                         cudnn_benchmark=bool(cudnn_benchmark)),
+        split=split, leaf_modules=tuple(leaf_modules))
 
 
-def _engine(stem: fx.GraphModule, analysis: Analysis, outputs, tile_size,
-            pool: bool = True) -> StreamEngine:
-    """A :class:`StreamEngine` over one segment, planned from that segment's own geometry."""
-    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
-    dims = [nodes[b].meta[GEOMETRY].dims for b in outputs]
-    ranks = [len(passes.concrete_shape(nodes[b]) or ()) for b in outputs]
-    if any(r == 0 for r in ranks):
-        raise UnsupportedError(f"a boundary value is not a single tensor: {tuple(outputs)}")
-    batchnorms = [(name, m) for name, m in stem.named_modules() if isinstance(m, _BATCHNORM)]
-    input_shape = analysis.input_shape
-
-    def planner(shape):
-        return make_plan(analysis, shape, tile_size, names=outputs)
-
-    planner(tuple(input_shape))  # fail early on a bad tile_size
-    engine = StreamEngine(stem, planner, dims, ranks, tuple(outputs), batchnorms,
-                          input_shape[1], len(input_shape) - 2, tile_size, pool_backward=pool)
-    engine.copy_input = not all(passes.only_read(n, stem) for n in stem.graph.nodes
-                                if n.op == "placeholder")
-    return engine
-
-
-def _probe_shape(model, leaf_modules):
-    """``(1, C, 1024, ...)`` with C and the spatial rank read from the first layer."""
+def probe_shape(model, leaf_modules):
+    """``(1, C, 1024, ...)`` with C and the spatial rank read from the first layer, or None
+    when the first layer does not tell them (the first input then decides)."""
     gm = trace(model, leaf_modules)
     image = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     for node in gm.graph.nodes:
         if node.op == "call_module" and image in node.all_input_nodes:
             m = gm.get_submodule(node.target)
-            if isinstance(m, (nn.modules.conv._ConvNd,)):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 return (1, m.in_channels) + (PROBE_SIZE,) * len(m.kernel_size)
-    raise UnsupportedError("cannot tell the input's channels from the model's first layer; "
-                           "pass input_shape=(N, C, H, W) to fxstream.compile")
+    return None
 
 
-def _check_streamable(analysis: Analysis):
+def check_streamable(analysis: Analysis):
+    """Train-mode BatchNorm where the stem would go on is an error with the fix."""
     gm = analysis.graph_module
     blocked = []
     for node in gm.graph.nodes:
@@ -268,4 +406,4 @@ def _stay_eval(self, mode: bool = True):
     return nn.Module.train(self, False)
 
 
-__all__ = ["StreamingModule", "compile", "freeze_batchnorm"]
+__all__ = ["Built", "CompileOptions", "StreamingModule", "build", "compile", "freeze_batchnorm"]

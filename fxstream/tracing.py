@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import traceback
+from unittest import mock
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -40,11 +42,24 @@ def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     tracer = StreamTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        # torch.jit.isinstance(proxy, torch.Tensor) is False, so code guarded by it would be
+        # left out of the graph without a word (MONAI's UpCat drops its skip connection)
+        with mock.patch.object(torch.jit, "isinstance", _isinstance):
+            graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many types for untraceable code
         raise TraceError(_trace_message(model, e)) from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _isinstance(obj, target_type) -> bool:
+    """``torch.jit.isinstance`` that takes a traced value for the tensor it stands for."""
+    if isinstance(obj, fx.Proxy):
+        return target_type is torch.Tensor
+    return _JIT_ISINSTANCE(obj, target_type)
+
+
+_JIT_ISINSTANCE = torch.jit.isinstance
 
 
 def _trace_message(model, error) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 
-from .geometry import GEOMETRY, Local, NonLocal, Symbolic
+from .geometry import GEOMETRY, Local, NonLocal, Reduced, Symbolic
 from .nodes import module_path
 
 ROLE = "fxstream.role"  # "stem" | "boundary" | "head" | "constant" | "output"
@@ -55,8 +55,10 @@ def find_boundary(gm: fx.GraphModule, split: str | None = None) -> Boundary:
     """Annotate ``node.meta[ROLE]`` and return the :class:`Boundary`.
 
     Without ``split`` the stem is every local node (a local node's ancestors are all local by
-    construction). With ``split`` it is the split node and its local ancestors; naming a
-    non-local node raises :class:`SplitError` that names the origin of the non-locality.
+    construction) and the reduced values (whole-image statistics) that local nodes read. With
+    ``split`` it is the split node and its local ancestors; naming a non-local node raises
+    :class:`SplitError` that names the origin of the non-locality. A reduction that no local
+    node reads (a classifier's global pooling) is where the head starts.
     """
     graph = gm.graph
     nodes = list(graph.nodes)
@@ -76,7 +78,7 @@ def find_boundary(gm: fx.GraphModule, split: str | None = None) -> Boundary:
                              "tensor", node=target.name)
         ancestors = nx.ancestors(data_graph(graph), target.name)
         local = {n for n in local if n in ancestors} | {target.name}
-    stem = _with_shape_values(nodes, geometry, local)
+    stem = _with_shape_values(nodes, geometry, local | _statistics(nodes, geometry, local))
     boundary = []
     for node in nodes:
         if node.name in local and any(u.name not in stem for u in node.users):
@@ -95,6 +97,22 @@ def find_boundary(gm: fx.GraphModule, split: str | None = None) -> Boundary:
         node.meta[ROLE] = role
     order = tuple(n.name for n in nodes if n.name in stem)
     return Boundary(stem=order, tensors=tuple(boundary), split=split)
+
+
+def _statistics(nodes, geometry, local) -> set[str]:
+    """Reduced values that local nodes read, and the reduced values those are computed from."""
+    by_name = {n.name: n for n in nodes}
+    needed, stack = set(), []
+    for name in local:
+        stack += [i.name for i in by_name[name].all_input_nodes
+                  if isinstance(geometry[i.name], Reduced)]
+    while stack:
+        name = stack.pop()
+        if name not in needed:
+            needed.add(name)
+            stack += [i.name for i in by_name[name].all_input_nodes
+                      if isinstance(geometry[i.name], Reduced)]
+    return needed
 
 
 def _with_shape_values(nodes, geometry, local):

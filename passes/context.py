@@ -8,7 +8,8 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .geometry import GEOMETRY, Constant, Local, Symbolic
+from .geometry import (GEOMETRY, Constant, Local, Symbolic, realign, residue_values,
+                       size_periods)
 
 _MISSING = object()
 
@@ -84,6 +85,34 @@ class RuleContext:
         if not isinstance(g, Local):
             raise NotLocal("expected a local tensor argument")
         return g
+
+    @property
+    def input_sizes(self) -> dict:
+        """Each size symbol with its value at the traced input shape."""
+        image = next(n for n in self.node.graph.nodes if n.op == "placeholder")
+        return dict(zip(self.symbols, concrete_shape(image)[2:]))
+
+    def aligns(self, local: Local) -> dict:
+        """Each size symbol with the alignment of its axis in ``local``: tiles are congruent to
+        the image modulo (a multiple of) it, see :func:`~passes.geometry.residue_values`."""
+        return {sym: int(ax.align) for sym, ax in zip(self.symbols, local.axes)}
+
+    def tile_values(self, local: Local, exprs):
+        """``(values, local)``: the values of the shape-derived ``exprs`` per residue class of
+        the sizes (:func:`~passes.geometry.residue_values`), and ``local`` realigned when they
+        take one value per class only modulo a coarser alignment (a pad to a multiple of 8
+        on the image); ``(None, local)`` when some expression differs from tile to tile."""
+        aligns = self.aligns(local)
+        values = residue_values(exprs, aligns)
+        if values is not None:
+            return values, local
+        free = {s for e in exprs for s in sympy.sympify(e).free_symbols}
+        for factor in size_periods(exprs):
+            coarser = {s: a * factor if s in free else a for s, a in aligns.items()}
+            values = residue_values(exprs, coarser)
+            if values is not None:
+                return values, realign(local, self.symbols, {s: coarser[s] for s in free})
+        return None, local
 
     @staticmethod
     def shape(raw):

@@ -8,7 +8,8 @@ import sympy
 import torch.fx as fx
 
 from .context import NotLocal, RuleContext, concrete_shape
-from .geometry import (GEOMETRY, Axis, Constant, Local, NonLocal, Symbolic, input_symbols)
+from .geometry import (GEOMETRY, Axis, Constant, Local, NonLocal, Reduced, Symbolic,
+                       input_symbols)
 from .nodes import target_name
 from .rules import SHAPE_ATTRS, SHAPE_METHODS, lookup
 
@@ -58,6 +59,10 @@ def _node_geometry(node, module, symbols):
             return NonLocal(f"depends on non-local '{g.origin}'", g.origin, "depends")
     has_local = any(isinstance(g, Local) for g in inputs)
     has_symbolic = any(isinstance(g, Symbolic) for g in inputs)
+    reduced = [g for g in inputs if isinstance(g, Reduced)]
+    if reduced and not has_local:  # computed once from the statistics, outside the tiles
+        return Reduced(reduced[0].origin, f"derives from the whole-image statistics of "
+                                          f"'{reduced[0].origin}'")
     if not has_local and not has_symbolic:
         return Constant()
     if has_local and _is_shape_query(node):

@@ -100,4 +100,33 @@ def writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-__all__ = ["only_read", "writes_in_place"]
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout, nn.RReLU)
+_RANDOM_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                     F.feature_alpha_dropout, F.rrelu, torch.bernoulli, torch.rand,
+                     torch.rand_like, torch.randn, torch.randn_like, torch.randint,
+                     torch.randint_like, torch.randperm, torch.multinomial, torch.normal,
+                     torch.poisson}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "exponential_",
+                   "geometric_", "log_normal_", "cauchy_", "random_"}
+
+
+def draws_random(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` may draw random numbers (dropout, stochastic depth, ``rand``): the
+    runtime then replays each tile's random state in the backward's recompute. Modules that are
+    not torch's own (kept as leaves when tracing) count as random: their code is not seen."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _RANDOM_MODULES):
+            return True
+        return not type(module).__module__.startswith("torch.nn")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _RANDOM_FUNCTIONS or name in ("stochastic_depth", "drop_block2d",
+                                                            "drop_block3d")
+    if node.op == "call_method":
+        return node.target in _RANDOM_METHODS
+    return False
+
+
+__all__ = ["draws_random", "only_read", "writes_in_place"]

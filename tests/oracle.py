@@ -4,16 +4,19 @@ Two independent ways to know what output index ``i`` of a model reads along a sp
 
 - :func:`measure_supports`: forward-mode autograd. Weights and inputs are strictly positive, so
   every product along every path is positive and no true dependency can cancel to zero (max
-  pooling picks one element of its window: there the measured support is only a subset).
+  pooling picks one element of its window: there the measured support is only a subset; an LP
+  pool's root of 0 has no finite derivative: its NaN tangent counts as no dependency).
 - :func:`reference_supports`: combinatorics on an unbounded grid, from torch's documented index
   maps of each layer (which input taps an output reads), written here without looking at
   ``passes/windows.py``. On an unbounded grid it has no borders, so it gives the exact hull of
   the dependency offsets over a whole period of output residues (:func:`exact_hull`).
 
 Models are described by small frozen layer specs (:class:`Conv`, :class:`Pool`, :class:`ConvT`,
-:class:`Up`, :class:`Pad`, :class:`Join`), which :func:`build` turns into float64 modules and
-which read like the stacks they describe in regression tests. :func:`check_geometry` runs every
-assertion on one stack.
+:class:`Up`, :class:`AreaDown`, :class:`Pad`, :class:`Crop`, :class:`Join`), which :func:`build`
+turns into float64 modules and which read like the stacks they describe in regression tests.
+:func:`check_geometry` runs every assertion on one stack; :func:`measured_hull` measures the
+hull with image borders (reflect and replicate padding), :func:`region_mismatches` checks that
+"inside" implies exact on tile regions.
 """
 from __future__ import annotations
 
@@ -82,7 +85,8 @@ class Conv:
 
 @dataclass(frozen=True)
 class Pool:
-    """``MaxPoolNd`` / ``AvgPoolNd`` (``kind`` "max" or "avg"); ``s=None`` means ``s=k``."""
+    """``MaxPoolNd`` / ``AvgPoolNd`` / ``LPPoolNd`` (``kind`` "max", "avg" or "lp", the last with
+    ``norm_type=norm`` and no padding); ``s=None`` means ``s=k``."""
 
     kind: str = "max"
     k: int | tuple = 2
@@ -92,10 +96,19 @@ class Pool:
     ceil: bool = False
     include_pad: bool = True
     fn: bool = False
+    norm: int = 2
 
     def module(self, ndim, c):
         k, p = _per_axis(self.k, ndim), _per_axis(self.p, ndim)
         s = None if self.s is None else _per_axis(self.s, ndim)
+        if self.kind == "lp":
+            if ndim == 1:  # torch's lp_pool1d multiplies by kernel_size: an int there
+                k, s = k[0], None if s is None else s[0]
+            if self.fn:
+                return Functional((F.lp_pool1d, F.lp_pool2d, F.lp_pool3d)[ndim - 1], None,
+                                  (self.norm, k, s, self.ceil))
+            cls = (nn.LPPool1d, nn.LPPool2d, nn.LPPool3d)[ndim - 1]
+            return cls(self.norm, k, s, ceil_mode=self.ceil)
         if self.kind == "max":
             if self.fn:
                 return Functional((F.max_pool1d, F.max_pool2d, F.max_pool3d)[ndim - 1], None,
@@ -154,8 +167,8 @@ class ConvT:
 class Up:
     """``nn.Upsample(scale_factor=f, mode=...)``, or ``F.interpolate`` when ``fn``.
 
-    ``mode`` is "nearest" or "linear" (linear/bilinear by the number of axes), and linear
-    always uses ``align_corners=False``.
+    ``mode`` is "nearest", "nearest-exact", "area" or "linear" (linear/bilinear by the number of
+    axes), and linear always uses ``align_corners=False``.
     """
 
     f: int | tuple = 2
@@ -163,10 +176,10 @@ class Up:
     fn: bool = False
 
     def module(self, ndim, c):
-        mode = "nearest" if self.mode == "nearest" else ("linear", "bilinear", "trilinear")[
+        mode = self.mode if self.mode != "linear" else ("linear", "bilinear", "trilinear")[
             ndim - 1]
         f = _per_axis(self.f, ndim)
-        align = None if mode == "nearest" else False
+        align = False if self.mode == "linear" else None
         if self.fn:
             return Interpolate(tuple(float(x) for x in f), mode, align)
         return nn.Upsample(scale_factor=tuple(float(x) for x in f), mode=mode,
@@ -177,26 +190,81 @@ class Up:
 
     def taps(self, i, j):
         f = _at(self.f, j)
-        if self.mode == "nearest":
+        if self.mode == "nearest":  # src = floor(dst * scale), scale = in/out = 1/f
             return [i // f]
+        if self.mode == "nearest-exact":  # src = floor((dst + 0.5) * scale)
+            return [math.floor(Fraction(2 * i + 1, 2 * f))]
+        if self.mode == "area":  # adaptive average pool: [floor(o*in/out), ceil((o+1)*in/out))
+            return list(range(math.floor(Fraction(i, f)), math.ceil(Fraction(i + 1, f))))
         src = Fraction(2 * i + 1, 2 * f) - Fraction(1, 2)  # align_corners=False
         i0 = math.floor(src)
         return [i0] if src == i0 else [i0, i0 + 1]  # the second tap has weight src - i0
 
 
 @dataclass(frozen=True)
+class AreaDown:
+    """Pad the end with zeros to a multiple of ``f`` (``F.pad`` by ``(-n) % f``, shape-derived),
+    then ``F.interpolate(scale_factor=1/f, mode="area")``; with ``size`` the target size is
+    given as ``n_padded // f`` from the shape instead."""
+
+    f: int | tuple = 2
+    size: bool = False
+
+    def module(self, ndim, c):
+        return AreaDownsample(_per_axis(self.f, ndim), self.size)
+
+    def ratio(self, j):
+        return Fraction(_at(self.f, j))
+
+    def taps(self, i, j):
+        f = _at(self.f, j)  # adaptive average pool at out = in/f: [o*f, (o+1)*f)
+        return list(range(i * f, (i + 1) * f))
+
+
+@dataclass(frozen=True)
+class Crop:
+    """``x[..., lo:-hi:step]`` on every spatial axis (``hi=0``: to the end), or with the stop
+    from the shape (``how="shape"``: ``x.shape[d] - hi``), or ``x.narrow(d, lo, x.shape[d] -
+    lo - hi)`` (``how="narrow"``, step 1)."""
+
+    lo: int | tuple = 1
+    hi: int | tuple = 1
+    step: int | tuple = 1
+    how: str = "slice"
+
+    def module(self, ndim, c):
+        return Slice(_per_axis(self.lo, ndim), _per_axis(self.hi, ndim),
+                     _per_axis(self.step, ndim), self.how)
+
+    def ratio(self, j):
+        return Fraction(_at(self.step, j))
+
+    def taps(self, i, j):
+        return [_at(self.lo, j) + i * _at(self.step, j)]
+
+
+@dataclass(frozen=True)
 class Pad:
-    """``F.pad(x, ..., value=value)`` by ``lo`` before and ``hi`` after (negative crops)."""
+    """``F.pad(x, ..., mode=mode, value=value)`` by ``lo`` before and ``hi`` after (negative
+    crops); ``mode`` "constant", "reflect" or "replicate"; with ``module`` the layer is
+    ``nn.ConstantPadNd`` / ``nn.ReflectionPadNd`` / ``nn.ReplicationPadNd``."""
 
     lo: int | tuple = 1
     hi: int | tuple = 1
     value: float = 0.0
+    mode: str = "constant"
+    module_form: bool = False
 
     def module(self, ndim, c):
         pads = []
         for j in reversed(range(ndim)):  # F.pad lists the last axis first
             pads += [_at(self.lo, j), _at(self.hi, j)]
-        return PadConstant(tuple(pads), self.value)
+        if self.module_form:
+            name = {"constant": "ConstantPad", "reflect": "ReflectionPad",
+                    "replicate": "ReplicationPad"}[self.mode]
+            cls = getattr(nn, f"{name}{ndim}d")
+            return cls(tuple(pads), self.value) if self.mode == "constant" else cls(tuple(pads))
+        return PadConstant(tuple(pads), self.value, self.mode)
 
     def ratio(self, j):
         return Fraction(1)
@@ -240,12 +308,52 @@ class Interpolate(nn.Module):
 
 
 class PadConstant(nn.Module):
-    def __init__(self, pads, value):
+    def __init__(self, pads, value, mode="constant"):
         super().__init__()
-        self.pads, self.value = pads, value
+        self.pads, self.value, self.mode = pads, value, mode
 
     def forward(self, x):
+        if self.mode != "constant":
+            return F.pad(x, self.pads, mode=self.mode)
         return F.pad(x, self.pads, value=self.value)
+
+
+class AreaDownsample(nn.Module):
+    def __init__(self, f, size):
+        super().__init__()
+        self.f, self.size = f, size
+
+    def forward(self, x):
+        pads = []
+        for j in reversed(range(len(self.f))):
+            pads += [0, (-x.shape[2 + j]) % self.f[j]]
+        x = F.pad(x, pads)
+        if self.size:
+            size = [x.shape[2 + j] // self.f[j] for j in range(len(self.f))]
+            return F.interpolate(x, size=size, mode="area")
+        return F.interpolate(x, scale_factor=[1 / f for f in self.f], mode="area")
+
+
+class Slice(nn.Module):
+    def __init__(self, lo, hi, step, how):
+        super().__init__()
+        self.lo, self.hi, self.step, self.how = lo, hi, step, how
+
+    def forward(self, x):
+        ndim = len(self.lo)
+        if self.how == "narrow":
+            for j in range(ndim):
+                d = 2 + j
+                x = x.narrow(d, self.lo[j], x.shape[d] - self.lo[j] - self.hi[j])
+            return x
+        index = [Ellipsis]
+        for j in range(ndim):
+            if self.how == "shape":
+                stop = x.shape[2 + j] - self.hi[j]
+            else:
+                stop = -self.hi[j] if self.hi[j] else None
+            index.append(slice(self.lo[j], stop, self.step[j]))
+        return x[tuple(index)]
 
 
 class Chain(nn.Module):
@@ -359,6 +467,9 @@ def measure_supports(model: nn.Module, x: torch.Tensor) -> list[list[frozenset[i
             [n, 1] + [n if a == k else 1 for a in range(ndim)]).expand_as(primal).clone()
         with fwAD.dual_level():
             out = fwAD.unpack_dual(model(fwAD.make_dual(primal, tangent))).tangent
+        # 0 * inf: the root of an LP pool at an output that is 0 (a window of zero padding)
+        # has an infinite derivative times a zero tangent; such an output does not move
+        out = torch.nan_to_num(out, nan=0.0)
         other = [d for d in range(1, out.dim()) if d != 2 + k]
         hit = out.abs().sum(dim=other) if other else out.abs()  # (input r, output i)
         supports.append([frozenset(torch.nonzero(hit[:, i]).flatten().tolist())
@@ -401,6 +512,24 @@ def _walk(chain: Chain, axis: int, indices: set[int], sizes) -> tuple[set[int], 
             n = sizes[id(layer)][axis]
             clean = clean and all(0 <= r < n for r in indices)
     return indices, clean
+
+
+def measured_hull(specs, sizes, channels: int = 2):
+    """``(lo, hi)``: the hull of ``r - i*J`` over every measured dependency ``r`` of every
+    output ``i`` of the 1-D stack ``specs``, over every input size in ``sizes`` (sizes torch
+    rejects are skipped). With borders, unlike :func:`exact_hull`: reflect and replicate
+    padding read mirrored positions at the image's ends."""
+    J = exact_stride(specs, 0)
+    offsets = []
+    with one_thread():
+        model = build(specs, 1, channels)
+        for n in sizes:
+            x = positive_input((1, channels, n))
+            if run(model, x) is None:
+                continue
+            for i, support in enumerate(measure_supports(model, x)[0]):
+                offsets += [r - i * J for r in support]
+    return min(offsets), max(offsets)
 
 
 def reference_supports(model: Chain, x: torch.Tensor, axis: int, n_out: int):
@@ -458,8 +587,14 @@ def hull_is_tight_by_construction(specs, axis: int) -> bool:
     fractional stride (after upsampling) the offsets vary with ``m``'s residue modulo the node's
     period ``q``, and a layer of integer stride ``s`` only reaches residues ``a mod gcd(s, q)``.
     Every other layer (stride 1, upsampling, transposed conv) reaches every residue.
+
+    Not tight either, by design of the rules: crops (:func:`has_crop`), padding whose border
+    reads leave the window (:func:`has_border_reads`), transposed convs that skip output
+    residues (:func:`has_holes`), and a transposed conv on a node of stride other than 1 (its
+    window is widened so that a tile holds every output it counts as inside, see
+    ``passes.windows.transposed_axis``).
     """
-    if has_crop(specs, axis):
+    if has_crop(specs, axis) or has_border_reads(specs, axis) or has_holes(specs, axis):
         return False
 
     def walk(chain, strides):
@@ -472,6 +607,8 @@ def hull_is_tight_by_construction(specs, axis: int) -> bool:
                 continue
             s = spec.ratio(axis)
             node = strides[-1]
+            if isinstance(spec, ConvT) and node != 1:
+                return False
             q = math.lcm(*[(node / a).denominator for a in strides])
             if s.denominator == 1 and math.gcd(s.numerator, q) > 1:
                 return False
@@ -607,24 +744,51 @@ def tile_mismatches(specs, n: int, start: int, stop: int, channels: int = 2) -> 
     """Run a 1-D stack on the image and on its region ``[start, stop)``; list the outputs whose
     interval lies inside the region (or crosses an image border the region touches) but that
     the tile lacks or computes differently. ``start`` must be a multiple of the alignment."""
+    return region_mismatches(specs, n, [(start, stop)], channels)
+
+
+def aligned_regions(n: int, align: int, most: int = 60) -> list[tuple[int, int]]:
+    """Regions ``[start, stop)`` of ``[0, n)`` as tile plans cut them: ``start`` a multiple of
+    ``align`` and ``stop - start`` congruent to ``n`` modulo ``align``; every one, or (when
+    there are more than ``most``) an evenly spread selection that keeps every start and
+    every region reaching the end."""
+    regions = [(a, a + m) for a in range(0, n, align) for m in range(1, n - a + 1)
+               if (m - n) % align == 0]
+    if len(regions) <= most:
+        return regions
+    step = -(-len(regions) // most)
+    keep = set(regions[::step]) | {r for r in regions if r[1] == n}
+    return sorted(keep)
+
+
+def region_mismatches(specs, n: int, regions, channels: int = 2) -> list[str]:
+    """:func:`tile_mismatches` for several regions of one image (the model is built, traced
+    and run on the image once); regions torch rejects (a reflect pad wider than the region)
+    are skipped."""
+    wrong = []
     with one_thread():
         model = build(specs, 1, channels)
         x = positive_input((1, channels, n))
         geometry, _, _ = derive_geometry(model, x.shape)
         axis = geometry.axes[0]
         J, lo, hi = as_fraction(axis.stride), as_fraction(axis.lo), as_fraction(axis.hi)
-        with torch.no_grad():
-            full, tile = model(x), model(x[..., start:stop])
-    wrong = []
-    for i in range(full.shape[-1]):
-        inside = ((start == 0 or i * J + lo >= start) and (stop == n or i * J + hi <= stop - 1))
-        if not inside:
-            continue
-        u = i - Fraction(start) / J
-        if u.denominator != 1 or not 0 <= u < tile.shape[-1]:
-            wrong.append(f"output {i} missing from the tile (local index {u})")
-        elif not torch.allclose(full[..., i], tile[..., int(u)], rtol=1e-12, atol=1e-12):
-            wrong.append(f"output {i} differs in the tile")
+        full = run(model, x)
+        for start, stop in regions:
+            tile = run(model, x[..., start:stop])
+            if tile is None:
+                continue
+            for i in range(full.shape[-1]):
+                inside = ((start == 0 or i * J + lo >= start)
+                          and (stop == n or i * J + hi <= stop - 1))
+                if not inside:
+                    continue
+                u = i - Fraction(start) / J
+                where = f"[{start}, {stop})"
+                if u.denominator != 1 or not 0 <= u < tile.shape[-1]:
+                    wrong.append(f"output {i} missing from the tile {where} (local index {u})")
+                elif not torch.allclose(full[..., i], tile[..., int(u)], rtol=1e-12,
+                                        atol=1e-12):
+                    wrong.append(f"output {i} differs in the tile {where}")
     return wrong
 
 
@@ -638,11 +802,14 @@ def _layers(specs):
 
 
 def has_crop(specs, axis: int = 0) -> bool:
-    """Whether a stack crops: ``F.pad`` by a negative amount, or a transposed conv whose padding
-    exceeds its reach. The rules widen such windows beyond the dependency hull (a tile lacks the
-    cropped positions next to its edges), so the interval is not the exact hull there."""
+    """Whether a stack crops: ``F.pad`` by a negative amount, a slice that drops positions at
+    either end, or a transposed conv whose padding exceeds its reach. The rules widen such
+    windows beyond the dependency hull (a tile lacks the cropped positions next to its edges),
+    so the interval is not the exact hull there."""
     for spec in _layers(specs):
         if isinstance(spec, Pad) and any(_at(v, axis) < 0 for v in (spec.lo, spec.hi)):
+            return True
+        if isinstance(spec, Crop) and (_at(spec.lo, axis) > 0 or _at(spec.hi, axis) > 0):
             return True
         if isinstance(spec, ConvT):
             k, s, p, op, d = (_at(v, axis) for v in (spec.k, spec.s, spec.p, spec.op, spec.d))
@@ -651,9 +818,35 @@ def has_crop(specs, axis: int = 0) -> bool:
     return False
 
 
+def has_border_reads(specs, axis: int = 0) -> bool:
+    """Whether some output reads, through reflect or replicate padding, a position outside its
+    window on the unbounded grid (which has no borders, so :func:`exact_hull` cannot see it).
+
+    torch's index maps: reflect reads padded position ``-t`` as ``t`` and ``n - 1 + t`` as
+    ``n - 1 - t``; replicate reads them as ``0`` and ``n - 1``. A conv's first output covers
+    ``[-p_lo, reach - p_lo]``, so the mirror ``p_lo`` stays in it iff ``2*p_lo <= reach``; the
+    last output's window ends at ``n - 1 + p_hi`` and starts at ``n - 1 + p_hi - reach``, so
+    the mirror ``n - 1 - p_hi`` stays in it iff ``2*p_hi <= reach``, and ``n - 1`` iff
+    ``p_hi <= reach``. ``F.pad`` alone is a window of reach 0: any positive pad.
+    """
+    for spec in _layers(specs):
+        if isinstance(spec, Pad) and spec.mode != "constant" and any(
+                _at(v, axis) > 0 for v in (spec.lo, spec.hi)):
+            return True
+        if isinstance(spec, Conv) and spec.mode in ("reflect", "replicate"):
+            reach = _at(spec.d, axis) * (_at(spec.k, axis) - 1)
+            p_lo = spec.pad_lo(axis)
+            p_hi = reach - p_lo if spec.p == "same" else (0 if spec.p == "valid" else p_lo)
+            limit = reach if spec.mode == "replicate" else reach / 2
+            if max(p_lo, p_hi) > limit:
+                return True
+    return False
+
+
 def has_holes(specs, axis: int = 0) -> bool:
     """Whether a transposed conv writes no tap at some output residue: such outputs read
-    nothing, and a tile may not produce them at all (known limitation, see regressions)."""
+    nothing and hold the bias; the hull over residues of a later layer's window then counts
+    offsets that no output reads."""
     for spec in _layers(specs):
         if isinstance(spec, ConvT):
             k, s, d = (_at(v, axis) for v in (spec.k, spec.s, spec.d))

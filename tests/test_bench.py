@@ -102,7 +102,9 @@ def test_bench_variants_compute_the_same_loss(bench_json):
 def test_bench_redundancy_and_floor_come_from_the_plan(bench_json, tiny_spec):
     from fxstream.spec import load_model
 
-    plan = fxstream.analyze(load_model(tiny_spec).eval(), (1, 3, 64, 64), tile_size=32).plan
+    analysis = fxstream.analyze(load_model(tiny_spec).eval(), (1, 3, 64, 64))
+    plan = fxstream.make_plan(analysis, fxstream.PlanOptions(tile_size=32,
+                                                             memory_budget=None)).passes[0]
     size = bench_json["sizes"][0]
     assert (size["num_tiles"], size["redundancy"]) == (plan.num_tiles, plan.redundancy)
     streamed_run = size["variants"][1]["runs"][0]
@@ -119,8 +121,8 @@ def test_bench_redundancy_and_floor_come_from_the_plan(bench_json, tiny_spec):
 
 
 def test_full_image_that_would_not_fit_is_not_run(tiny_spec, monkeypatch):
-    monkeypatch.setattr(fb, "available_memory", lambda device="cpu": 1000)
-    monkeypatch.setattr(fb, "run_child", _no_child)
+    monkeypatch.setattr("fxstream.bench.runner.available_memory", lambda device="cpu": 1000)
+    monkeypatch.setattr("fxstream.bench.runner.run_child", _no_child)
     code, out, err = run_main("bench", tiny_spec, "--input", SHAPE, "--variants", "full",
                               "--json", "--quiet")
     assert code == 0, err
@@ -132,21 +134,22 @@ def test_full_image_that_would_not_fit_is_not_run(tiny_spec, monkeypatch):
     assert code == 0 and "would not fit (estimated" in out
 
 
-def test_full_image_estimate_leaves_out_in_place_activations():
-    """``ReLU(inplace=True)`` writes into the conv's output: no memory of its own."""
+def test_full_image_estimate_is_the_step_live_memory():
+    """The estimate is the most the step holds at once (tracked on the meta device): an
+    out-of-place ReLU's output replaces the conv output it frees, so ``inplace`` changes
+    nothing; a second ReLU keeps both outputs alive (each is saved)."""
     def estimate(inplace):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace),
                             nn.AdaptiveAvgPool2d(1))
         shape = (1, 3, 64, 64)
-        return fb.estimate_full_bytes(fxstream.analyze(net, shape), net, shape, 4)[1]
+        return fb.full_image_step(fxstream.analyze(net, shape))[1]
 
-    relu_output = 8 * 64 * 64 * 4
-    assert abs(estimate(False) - estimate(True) - fb.GRAD_FACTOR * relu_output) <= 1
+    assert estimate(False) == estimate(True) > 8 * 64 * 64 * 4
 
 
 def test_checkpoint_unsupported_when_stem_is_no_chain(tiny_spec, monkeypatch):
-    monkeypatch.setattr(fb, "run_child", _no_child)
+    monkeypatch.setattr("fxstream.bench.runner.run_child", _no_child)
     spec = tiny_spec.replace(":make", ":TopLevelRelu")
     code, out, err = run_main("bench", spec, "--input", SHAPE, "--variants", "checkpoint",
                               "--json", "--quiet")
@@ -168,7 +171,6 @@ def _no_child(*args, **kwargs):
     (["--tile", "32", "--budget", "1GiB"], "--tile and --budget exclude each other"),
     (["--budget", "lots"], "bad --budget 'lots'"),
     (["--tile", "0"], "bad --tile '0': every size must be positive"),
-    ([], "the streamed variant needs --tile SIZE"),
     (["--tile", "32", "--variants", "full,fast"], "bad --variants 'full,fast'"),
     (["--tile", "32", "--device", "tpu"], "bad --device 'tpu'"),
     (["--tile", "32", "--repeat", "0"], "--repeat must be >= 1"),
@@ -179,29 +181,15 @@ def _no_child(*args, **kwargs):
      "--channels-last needs 4-d inputs"),
 ])
 def test_bad_options_exit_2_with_one_line(tiny_spec, monkeypatch, extra, message):
-    monkeypatch.setattr(fb, "run_child", _no_child)
+    monkeypatch.setattr("fxstream.bench.runner.run_child", _no_child)
     code, out, err = run_main("bench", tiny_spec, "--input", SHAPE, *extra)
     assert code == 2 and out == ""
     assert message in one_error_line(err)
 
 
-def test_budget_without_compile_support_exits_2(tiny_spec, monkeypatch):
-    monkeypatch.setattr(fb, "budget_supported", lambda: False)
-    code, _, err = run_main("bench", tiny_spec, "--input", SHAPE, "--budget", "8GiB")
-    assert code == 2
-    assert "memory budgets are not supported yet" in one_error_line(err)
-
-
-def test_budget_support_follows_compile_signature():
-    import inspect
-
-    expected = "memory_budget" in inspect.signature(fxstream.compile).parameters
-    assert fb.budget_supported() is expected
-
-
 def test_plot_without_matplotlib_exits_2(tiny_spec, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
-    monkeypatch.setattr(fb, "run_child", _no_child)
+    monkeypatch.setattr("fxstream.bench.runner.run_child", _no_child)
     code, _, err = run_main("bench", tiny_spec, "--input", SHAPE, "--tile", "32",
                             "--plot", "out.png")
     assert code == 2 and "pip install matplotlib" in one_error_line(err)
@@ -220,24 +208,24 @@ def test_budget_plan_is_chosen_here_and_passed_to_compile(tiny_spec, monkeypatch
 
     def fake_child(config, variant, repeat, timeout=None):
         configs.append(config)
-        tile = 512 if repeat == 1 else 256  # the second run's compile chose otherwise
+        tile = [512, 512] if repeat == 1 else [256, 256]  # the second run chose otherwise
         return fb.Run(variant, repeat, seconds=1.0 + repeat, peak_bytes=3, baseline_bytes=1,
                       tile_size=tile if variant == "streamed" else None)
 
-    monkeypatch.setattr(fb, "run_child", fake_child)
+    monkeypatch.setattr("fxstream.bench.runner.run_child", fake_child)
     code, out, err = run_main("bench", tiny_spec, "--input", SHAPE, "--budget", "64GiB",
                               "--variants", "full,streamed", "--repeat", "2", "--json")
     assert code == 0, err
     assert [(c["variant"], c["budget_bytes"], c["tile_size"]) for c in configs] == \
         [("full", 64 * 2**30, None), ("streamed", 64 * 2**30, None)] * 2  # interleaved
     size = json.loads(out)["sizes"][0]
-    assert size["budget_plan"]["cuts"] == [] and size["budget_plan"]["tile_size"] == 256
+    assert size["plan"]["cuts"] == [] and size["plan"]["passes"][0]["tile_size"] == [256, 256]
     assert (size["num_tiles"], size["redundancy"]) == (1, 1.0)
     assert size["floor"]["ratio"] == pytest.approx(4 / 3)
     streamed = size["variants"][1]
     assert streamed["median_seconds"] == 1.5 and streamed["time_ratio"] == 1.0
-    assert "compile chose cuts none, tile 512 (estimated here: cuts none, tile 256" in \
-        streamed["note"]
+    assert "the run chose cuts none, tile (512, 512) (planned here: cuts none, tile (256, 256)" \
+        in streamed["note"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +289,9 @@ def test_child_reports_errors_as_json(capsys):
     config = dict(spec="torch.nn:NoSuchModel", variant="full", shape=[1, 3, 8, 8],
                   dtype="float32", device="cpu", tile_size=None, budget_bytes=None, split=None,
                   leaf_modules=[], stages=[], warmup=0)
-    assert fb._child_main(["--child", json.dumps(config)]) == 1
+    from fxstream.bench.child import _child_main
+
+    assert _child_main(["--child", json.dumps(config)]) == 1
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert data["error"].startswith("SpecError: 'torch.nn' has no attribute 'NoSuchModel'")
 

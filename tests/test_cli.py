@@ -22,6 +22,7 @@ from fxstream.cli import main
 from fxstream.errors import SpecError
 from fxstream.report import display_path, display_source, human_bytes, shown_rows
 from fxstream.spec import load_model, parse_input, parse_tile
+from fxstream.summary import summarize
 
 GOLDEN = Path(__file__).parent / "golden"
 RESNET18 = ["analyze", "torchvision.models:resnet18", "--input", "1x3x1024x1024", "--tile", "512"]
@@ -129,9 +130,11 @@ def test_analyze_json_equals_to_dict(capsys):
 
     code, out, err = run(capsys, *RESNET18, "--json")
     assert code == 0, err
-    expected = fxstream.analyze(torchvision.models.resnet18().eval(), (1, 3, 1024, 1024),
-                                tile_size=512)
-    assert json.loads(out) == json.loads(json.dumps(expected.to_dict()))
+    model = torchvision.models.resnet18().eval()
+    expected = fxstream.analyze(model, (1, 3, 1024, 1024))
+    plan = fxstream.make_plan(expected, fxstream.PlanOptions(tile_size=512, memory_budget=None))
+    want = dict(expected.to_dict(), plan=summarize(expected, plan).to_dict())
+    assert json.loads(out) == json.loads(json.dumps(want))
 
 
 def test_analyze_all_nodes_shows_pointwise_rows(capsys, plain_console, small_model):
@@ -156,7 +159,7 @@ def test_analyze_tile_per_axis(capsys, small_model):
     code, out, err = run(capsys, "analyze", f"{small_model}:make", "--input", "1x3x64x96",
                          "--tile", "32x48", "--json")
     assert code == 0, err
-    assert json.loads(out)["plan"]["tile_size"] == [32, 48]
+    assert json.loads(out)["plan"]["passes"][0]["tile_size"] == [32, 48]
 
 
 def test_train_flag_keeps_train_mode(capsys):
@@ -319,23 +322,23 @@ def test_shown_rows_hide_rows_that_repeat_a_geometry():
 
 
 def test_analyze_budget_shows_the_plan_compile_runs(capsys, plain_console, monkeypatch):
-    """`analyze --budget` prints the chosen plan: cuts, tiles, pool and recompute per segment,
-    the same as the streaming module compile builds under that budget."""
+    """`analyze --budget` prints the chosen plan: cuts, and per pass its tiles, pool and
+    recompute, the same plan as the streaming module compile builds under that budget."""
     import torchvision
 
     monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**29)
-    code, out, err = run(capsys, "analyze", "torchvision.models:resnet18", "--input",
-                         "1x3x2048x2048", "--budget", "1.5GiB")
+    argv = ["analyze", "torchvision.models:resnet18", "--input", "1x3x2048x2048", "--budget",
+            "1.5GiB"]
+    code, out, err = run(capsys, *argv)
     assert code == 0, err
-    assert "Plan under the memory budget" in out
+    code, js, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    shown = json.loads(js)["plan"]
     sm = fxstream.compile(torchvision.models.resnet18().eval(), input_shape=(1, 3, 2048, 2048),
                           memory_budget="1.5GiB")
-    segments = sm.engine.segments
+    plan = sm.plan((1, 3, 2048, 2048))
+    assert shown["cuts"] == list(plan.cuts)
+    assert [(p["tile_size"], p["num_tiles"], p["pool"], p["keep"]) for p in shown["passes"]] == \
+        [(list(p.tile_size), p.num_tiles, p.pool, p.keep) for p in plan.passes]
     text = " ".join(out.split())  # rows may wrap
-    assert f"cuts {', '.join(sm.engine.cuts) or 'none (one segment)'} tile sizes" in text
-    recompute = [line for line in out.splitlines() if line.strip().startswith("recompute")]
-    shown = recompute[0].split(None, 1)[1].split(" per segment")[0].split(" / ")
-    assert shown[:-1] == ["no" if s.keep else "yes" for s in segments[:-1]]
-    pool = [line for line in out.splitlines() if line.strip().startswith("memory pool")]
-    shown = pool[0].split("pool", 1)[1].split(" per segment")[0].strip().split(" / ")
-    assert shown == ["yes" if s.pool_backward else "no" for s in segments]
+    assert f"cuts {', '.join(plan.cuts)}" in text and "peak memory" in text

@@ -69,7 +69,7 @@ def test_resnet18_split_layer2_passes(capsys):
 def test_broken_plan_fails(capsys, monkeypatch):
     """Every tile but the first starts one alignment step late: its first outputs lose context
     (they read zero padding instead of the image), which the check must report."""
-    import fxstream.plan as plan_mod
+    import fxstream.tiling as plan_mod
 
     real = plan_mod.plan_axis
 

@@ -48,7 +48,8 @@ def test_offloaded_maps_live_on_the_host():
     model = resnet18().cuda()
     sm = fxstream.compile(model, tile_size=64, input_shape=(1, 3, 192, 160),
                           cuts=["layer1"], offload=True)
-    first = sm.engine.segments[0]
+    sm.plan((1, 3, 192, 160))
+    first = sm.engines[0]
     with torch.no_grad():
         (stored,) = first(torch.randn(1, 3, 192, 160))
     assert stored.device.type == "cpu" and stored.is_pinned()

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxstream
-from fxstream.analysis import smallest_tile_size
+from fxstream.planner import smallest_tile_size
 from fxstream.check import check
 
 TOL = 1e-10
@@ -131,7 +131,7 @@ def build(name):
 def tile_cases(model, shape):
     """One tile, a tile that does not divide the image, the smallest legal tile."""
     analysis = fxstream.analyze(model, shape)
-    small = smallest_tile_size(analysis, shape)
+    small = smallest_tile_size(analysis)
     odd = tuple(min(s, max(m, (s * 2) // 3 + 1)) for s, m in zip(shape[2:], small))
     return {"one_tile": None, "non_dividing": odd, "smallest": small}
 
@@ -165,7 +165,7 @@ def test_image_smaller_than_a_tile():
 
 def test_broken_plan_is_caught(monkeypatch):
     """A plan that drops context at interior tile edges must fail the check, loudly."""
-    import fxstream.plan as plan_mod
+    import fxstream.tiling as plan_mod
 
     real = plan_mod.plan_axis
 

@@ -10,9 +10,11 @@ from fractions import Fraction
 import pytest
 
 import fxstream
+import fxstream.check
+from fxstream.planner import smallest_tile_size
 
 from passes import Local, NonLocal, input_symbols
-from tests.oracle import (Conv, ConvT, Join, Pad, Pool, Up, as_fraction, build,
+from tests.oracle import (Conv, ConvT, Crop, Join, Pad, Pool, Up, as_fraction, build,
                           check_geometry, derive_geometry, exact_hull, measure_supports,
                           one_thread, positive_input, run, tile_mismatches)
 
@@ -134,17 +136,20 @@ def test_reflect_and_replicate_padding_at_their_limits_are_local():
     check_geometry((Conv(5, 1, "same", mode="reflect"),), (9,))
 
 
-@pytest.mark.parametrize("spec, outside", [
-    (Conv(2, 1, 1, mode="reflect"), 1),  # output 0 reads padded -1 = input 1, interval [-1, 0]
-    (Conv(2, 1, 2, mode="replicate"), 0),  # output 0 reads -2, -1 = input 0, interval [-2, -1]
+@pytest.mark.parametrize("spec, outside, window", [
+    (Conv(2, 1, 1, mode="reflect"), 1, (1, -2, 1)),  # output 0 reads padded -1 = input 1
+    (Conv(2, 1, 2, mode="replicate"), 0, (1, -3, 0)),  # output 0 reads -2, -1 = input 0
 ])
-def test_padding_beyond_the_limit_reads_outside_the_window(spec, outside):
-    """One past the limit, output 0 really reads an input outside its conv window, so the rule
-    is right to refuse it."""
-    assert isinstance(geometry((spec,), (7,)), NonLocal)
+def test_padding_beyond_the_limit_reads_its_mirror_inside_the_interval(spec, outside, window):
+    """One past the limit, output 0 really reads an input outside its conv window ``[-p, -p +
+    k - 1]``; the interval is the hull over the border outputs too, so it holds that input
+    (reflect k2 p1: the last output n reads padded n-1, n = n-1, n-2: offset -2; replicate k2
+    p2: the last output n+2 reads padded n, n+1 = n-1: offset -3)."""
     k, p = spec.k, spec.p
-    assert outside in supports((spec,), (7,))[0][0]
     assert not -p <= outside <= -p + k - 1
+    assert outside in supports((spec,), (7,))[0][0]
+    assert axis0((spec,), 7) == window
+    check_geometry((spec,), (7,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,16 +159,17 @@ def test_padding_beyond_the_limit_reads_outside_the_window(spec, outside):
 def test_output_that_reads_no_input():
     """Shrunk from test_geometry_1d (the oracle failed on an empty hull): ConvT k1 s2 writes only
     even positions, the pad shifts them to odd ones, and conv k1 s2 samples the even ones, so
-    every output is the bias alone. Such a transposed conv is not local (a tile could miss the
-    outputs that read nothing), and the rule says why."""
+    every output is the bias alone. It used to be refused ("leaves outputs that read no
+    input"); an output that reads nothing is still exact in every tile that holds it, and the
+    interval (from the outputs' grid positions) says which tiles do."""
     specs = (ConvT(1, 2), Pad(1, 0), Conv(1, 2))
     assert all(not s for s in supports(specs, (5,))[0])
     with one_thread():
         assert exact_hull(build(specs, 1), 0)[1:] == (None, None)
-    g = geometry(specs, (5,))
-    assert isinstance(g, NonLocal) and g.kind == "depends"
-    origin = fxstream.analyze(build(specs, 1), (1, 2, 5)).row(g.origin)
-    assert "leaves outputs that read no input" in origin.reason
+    assert axis0(specs, 5) == (1, F(-1, 2), F(-1, 2))
+    assert check_geometry(specs, (5,)).independent
+    for start, stop in [(0, 3), (2, 5), (1, 4), (3, 5)]:
+        assert not tile_mismatches(specs, 5, start, stop)
 
 
 def test_2d_axis_reading_nothing_empties_the_other_axis():
@@ -172,10 +178,8 @@ def test_2d_axis_reading_nothing_empties_the_other_axis():
     specs = (ConvT(1, (2, 1), (1, 0)), Pad((1, 0), 0), Conv(1, (2, 1), (1, 0)))
     s = supports(specs, (5, 5))
     assert all(not x for x in s[0]) and all(not x for x in s[1])
-    g = geometry(specs, (5, 5))
-    assert isinstance(g, NonLocal) and g.kind == "depends"
-    origin = fxstream.analyze(build(specs, 2), (1, 2, 5, 5)).row(g.origin)
-    assert "kernel 1 < stride 2" in origin.reason
+    assert isinstance(geometry(specs, (5, 5)), Local)
+    check_geometry(specs, (5, 5))
 
 
 def test_join_that_broadcasts_is_not_local():
@@ -226,7 +230,10 @@ def test_hull_composition_is_tight_when_the_stride_is_coprime():
     (Pad(-1, -1), Conv(3, 1, 1)),  # F.pad by -1: lo = +1 > 0
     (ConvT(1, 1, 1), Conv(3, 1, 1)),  # ConvT padding 1 > reach 0 crops the same way
     (ConvT(2, 2, 2), Conv(3, 1, 1)),  # padding 2 > reach 1
-], ids=["pad-1", "convT-k1-p1", "convT-k2-s2-p2"])
+    (Crop(1, 1), Conv(3, 1, 1)),  # x[..., 1:-1] is F.pad by -1
+    (Crop(1, 1, how="shape"), Conv(3, 1, 1)),  # x[..., 1:x.shape[-1] - 1]
+    (Pad(-1, -1, mode="reflect"), Conv(3, 1, 1)),  # torch crops first, then reflects
+], ids=["pad-1", "convT-k1-p1", "convT-k2-s2-p2", "slice", "slice-shape", "reflect-1"])
 def test_crop_then_padding_is_exact_inside(specs):
     """Pad(-1, -1) + conv k3 p1 has J=1, lo=0, hi=2. On the region [4, 12), output 4 ([4, 6])
     is inside, but it reads pad(x)[3] = x[4], which the tile cropped away and pads with a zero;
@@ -235,15 +242,107 @@ def test_crop_then_padding_is_exact_inside(specs):
     assert not tile_mismatches(specs, 16, 4 * align, 12)
 
 
-def test_output_reading_nothing_is_not_local():
+def test_output_reading_nothing_streams_exactly():
     """conv k1 s2 then ConvT k1 s2: output 1 reads no input (the ConvT writes even positions
-    only), so a tile cannot be sure to hold it (the runtime used to fail on such a plan). A
-    transposed conv whose taps miss an output residue is therefore not local."""
+    only). It was refused: a tile [0, 2) holds conv output 0 only and so ConvT output 0 only,
+    while output 1's interval [1, 1] lay inside. The fractional last index is the cause (conv
+    outputs up to (B - 1)/2 are inside, but a tile holds up to its floor): the ConvT's window
+    is widened to [0, 1/2], so output 1 needs [1, 2] and a tile [0, 4)."""
     import torch.nn as nn
-
-    import fxstream
 
     net = nn.Sequential(nn.Conv1d(2, 2, 1, stride=2), nn.ConvTranspose1d(2, 2, 1, stride=2))
     a = fxstream.analyze(net, (1, 2, 16))
-    assert a.row("_1").reason.startswith("transposed conv with kernel 1 < stride 2")
-    assert a.boundary == ("_0",)
+    assert a.boundary == ("_1",) and a.row("_1").interval == (("0", "1"),)
+    specs = (Conv(1, 2), ConvT(1, 2))
+    for start in (0, 2, 4):
+        for stop in range(start + 1, 17, 2):
+            assert not tile_mismatches(specs, 16, start, stop), (start, stop)
+    with pytest.raises(fxstream.PlanError, match="the smallest legal tile for this model is 4"):
+        fxstream.compile(net, tile_size=3, input_shape=(1, 2, 16))
+    for tile in (None, 4, 5, 7):
+        result = fxstream.check.check(net, (1, 2, 16), tile)
+        assert result.passed, (tile, result.worst)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fuzzer's repros (issue 14)
+
+
+def _stream_vs_full(net, shape, tile):
+    """Relative max differences of the output and the image gradient, streamed vs full."""
+    import torch
+
+    net = net.double().eval()
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sm = fxstream.compile(net, tile_size=tile, input_shape=shape)
+    xr = x.clone().requires_grad_(True)
+    ref = net(xr)
+    ref.backward(torch.ones_like(ref))
+    xs = x.clone().requires_grad_(True)
+    out = sm(xs)
+    out.backward(torch.ones_like(out))
+    rel = (out - ref).abs().max().item() / ref.abs().max().item()
+    grad = (xs.grad - xr.grad).abs().max().item() / xr.grad.abs().max().item()
+    return rel, grad, sm.plan(shape, torch.float64).num_tiles
+
+
+def test_repro_H_min_convT_crop_after_strided_conv():
+    """repro_H_min.py: conv k3 s2 (J=2, [0, 2]) then ConvT k3 s3 p2. The tile planned its output
+    slice one longer than the tile produced ("expanded size (3) must match the existing size
+    (2)"). A tile ending at B holds conv outputs up to floor((B - 3)/2), hence ConvT outputs up
+    to 3*floor((B - 3)/2) - 2; the window [0, 2/3] counted them inside up to (3B - 13)/2, one
+    more at even B. Widened to b = 1 (end_slack 1/2): hi = 2 + 2 = 4, and tile 7 is no longer
+    legal (the error names 8)."""
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Conv1d(1, 1, 3, stride=2), nn.ConvTranspose1d(1, 1, 3, stride=3,
+                                                                          padding=2))
+    a = fxstream.analyze(net, (1, 1, 20))
+    assert a.row("_1").interval == (("0", "4"),)
+    with pytest.raises(fxstream.PlanError, match="the smallest legal tile for this model is 8"):
+        fxstream.compile(net, tile_size=7, input_shape=(1, 1, 20))
+    for shape, tile in [((1, 1, 20), 8), ((1, 1, 20), 9), ((1, 1, 41), 8), ((1, 1, 41), 13)]:
+        rel, grad, tiles = _stream_vs_full(net, shape, tile)
+        assert tiles > 1 and rel <= 1e-10 and grad <= 1e-10, (shape, tile, rel, grad)
+
+
+@pytest.mark.parametrize("k1, s1", [(3, 2), (1, 1), (2, 2)])
+@pytest.mark.parametrize("kT, sT, pT", [(3, 3, 2), (3, 3, 1), (4, 3, 2), (3, 2, 2)])
+def test_repro_H_convT_crop_sweep(k1, s1, kT, sT, pT):
+    """repro_H_convT_crop.py's nets: inside implies present and exact on aligned regions of a
+    20-pixel image (starting at the first four aligned positions, lengths up to 12 congruent to
+    20 modulo the alignment), and the streamed model equals the full one at its smallest legal
+    tile."""
+    import torch.nn as nn
+
+    specs = (Conv(k1, s1), ConvT(kT, sT, pT))
+    n = 20
+    align = geometry(specs, (n,)).align
+    with one_thread():
+        model = build(specs, 1)
+        regions = [(start, start + m) for start in range(0, 4 * align, align)
+                   for m in range(1, min(12, n - start) + 1) if (m - n) % align == 0
+                   and run(model, positive_input((1, 2, m))) is not None]
+    assert regions
+    for start, stop in regions:
+        assert not tile_mismatches(specs, n, start, stop), (start, stop)
+    net = nn.Sequential(nn.Conv1d(1, 1, k1, stride=s1),
+                        nn.ConvTranspose1d(1, 1, kT, stride=sT, padding=pT))
+    tile = smallest_tile_size(fxstream.analyze(net, (1, 1, n)))
+    result = fxstream.check.check(net, (1, 1, n), tile)
+    assert result.passed and result.num_tiles > 1, result
+
+
+def test_unet_pad_to_match_crop_reaches_the_cat():
+    """note_unet_cat_truncation.py: conv stride 2 padding 1 down, nearest x2 up, so the up map
+    is ceil(H/2)*2 = H + (H mod 2) and the pad-to-match is floor(-(H mod 2)/2) = -1 (a crop) at
+    odd H, 0 at even H. The pad's window was a sympy Min/Max of that, and the cat's hull asked
+    Python to compare it with the skip's lo ("cannot determine truth value of Relational"). The
+    pad's window is now the hull over the residues mod 2 (rationals), and the stem reaches the
+    final conv."""
+    from tests.test_local_ops import UNetBlock
+
+    a = fxstream.analyze(UNetBlock().double().eval(), (1, 2, 33, 33))
+    assert not a.global_rows and a.boundary == ("out",)
+    pad = a.row("pad")
+    assert pad.interval == (("-3", "3"), ("-3", "3")) and pad.align == 2

@@ -8,7 +8,6 @@ import torchvision
 
 import fxstream
 from fxstream import hostmem
-from fxstream.budget import choose_plan
 from fxstream.check import check
 from fxstream.runtime import StreamFunction
 
@@ -91,7 +90,7 @@ def test_pool_on_and_off_give_identical_results(monkeypatch):
     model = resnet18().double()
     x = torch.randn(1, 3, 160, 136, dtype=torch.float64)
     sm = fxstream.compile(model, tile_size=64, input_shape=x.shape, cuts=["layer1"])
-    assert len(sm.engine.segments[0].exec_plan(x).tiles) > 1
+    assert sm.plan(x.shape, x.dtype).passes[0].num_tiles > 1
     pooled = _grads(sm, x)
     monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
     assert not hostmem.pool_enabled()
@@ -105,12 +104,13 @@ def test_tiles_run_largest_first_and_cover_the_plan():
                               torch.nn.Conv2d(4, 4, 3, stride=2, padding=1),
                               torch.nn.AdaptiveAvgPool2d(1))
     sm = fxstream.compile(net, tile_size=32, input_shape=(1, 3, 100, 70))
-    plan = sm.plan((1, 3, 100, 70))
-    sizes = [(t.image[2].stop - t.image[2].start) * (t.image[3].stop - t.image[3].start)
-             for t in plan.tiles]
+    (p,) = sm.plan((1, 3, 100, 70)).passes
+    sizes = [(t.region[2].stop - t.region[2].start) * (t.region[3].stop - t.region[3].start)
+             for t in p.tiles]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
-    raster = sorted(tuple(s.start for s in spans) for spans in plan.plan.tiles())
-    assert sorted(t.starts for t in plan.tiles) == raster
+    rows = sorted({t.starts[0] for t in p.tiles})
+    cols = sorted({t.starts[1] for t in p.tiles})
+    assert sorted(t.starts for t in p.tiles) == [(r, c) for r in rows for c in cols]
 
 
 def test_last_one_tile_segment_runs_without_recompute():
@@ -119,12 +119,13 @@ def test_last_one_tile_segment_runs_without_recompute():
     model = resnet18()
     shape = (1, 3, 512, 448)
     sm = fxstream.compile(model, tile_size=384, input_shape=shape, cuts=["add_6"])
-    first, last = sm.engine.segments
+    plan = sm.plan(shape)
+    first, last = sm.engines
     x = torch.randn(shape)
     with torch.no_grad():
         stored = first(x)[0]
-    assert len(first.exec_plan(x).tiles) > 1 and len(last.exec_plan(stored).tiles) == 1
-    assert not first.keep and last.keep
+    assert plan.passes[0].num_tiles > 1 and plan.passes[1].num_tiles == 1
+    assert not plan.passes[0].keep and plan.passes[1].keep
     y = last(stored.clone().requires_grad_(True))[0]
     assert "StreamFunction" not in type(y.grad_fn).__name__
     assert type(first(x.requires_grad_(True))[0].grad_fn).__name__ == \
@@ -136,19 +137,22 @@ def test_last_one_tile_segment_runs_without_recompute():
     assert not [d for d in result.diffs if not d.ok]
 
 
-def test_budget_decides_the_pool_per_segment(monkeypatch):
-    """compile builds the pool choice the budget made; a stem on CUDA (host_pool=False) gets no
-    pooled segment and the plan made with pooling switched off: no unpooled penalty charged."""
-    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)
+def test_tile_loops_pool_on_the_cpu_only(monkeypatch):
+    """A plan's multi-tile passes pool host memory on the CPU; a plan for a CUDA stem pools
+    nothing (the pool does nothing there), and neither does one with the pool turned off."""
+    from fxstream.planner import PlanOptions, Situation, make_plan
+
     model = resnet18()
     shape = (1, 3, 4096, 4096)
     a = fxstream.analyze(model, shape)
-    choice = choose_plan(a, shape, "2.6GiB")
-    assert len(choice.segment_pool) == len(choice.segment_tiles)
-    assert choice.estimated_peak <= choice.budget
+    opts = PlanOptions(memory_budget="2.6GiB")
+    cpu = make_plan(a, opts, Situation(baseline=2**30))
+    assert any(p.num_tiles > 1 for p in cpu.passes)
+    assert all(p.pool == (p.num_tiles > 1) for p in cpu.passes)
+    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)
     sm = fxstream.compile(model, input_shape=shape, memory_budget="2.6GiB")
-    assert tuple(s.pool_backward for s in sm.engine.segments) == choice.segment_pool
-    device = choose_plan(a, shape, "2.6GiB", host_pool=False)
-    assert any(choice.segment_pool) and not any(device.segment_pool)
+    assert sm.plan(shape) == cpu
+    cuda = make_plan(a, opts, Situation(device="cuda", baseline=2**30, available=2**36))
+    assert not any(p.pool for p in cuda.passes)
     monkeypatch.setenv("FXSTREAM_HOST_POOL", "0")
-    assert choose_plan(a, shape, "2.6GiB") == device
+    assert not any(p.pool for p in make_plan(a, opts, Situation(baseline=2**30)).passes)

@@ -5,9 +5,10 @@ import torchvision
 
 import fxstream
 import passes
-from fxstream.budget import choose_plan, parse_bytes
+from fxstream.budget import parse_bytes
 from fxstream.check import check
-from fxstream.streaming import stem_boundary
+from fxstream.segments import stem_boundary
+from fxstream.planner import PlanOptions, make_plan
 
 from .zoo import ZOO
 
@@ -60,13 +61,11 @@ def test_multicut_resnet18_exact(cuts, tile):
 def test_multicut_segments_tile_their_own_inputs():
     sm = fxstream.compile(resnet18(), tile_size=48, input_shape=(1, 3, 256, 256),
                           cuts=["maxpool", "layer1", "layer2", "layer3"])
-    engine = sm.engine
-    assert engine.cuts == ("maxpool", "layer1_1_relu_1", "layer2_1_relu_1", "layer3_1_relu_1")
+    plan = sm.plan((1, 3, 256, 256))
+    assert plan.cuts == ("maxpool", "layer1_1_relu_1", "layer2_1_relu_1", "layer3_1_relu_1")
     x = torch.randn(1, 3, 256, 256)
-    shapes = [(1, 3, 256, 256), (1, 64, 64, 64), (1, 64, 64, 64), (1, 128, 32, 32)]
-    plans = [len(seg.exec_plan(torch.empty(shape, device="meta")).tiles)
-             for seg, shape in zip(engine.segments, shapes)]
-    assert plans[0] > 1 and plans[1] > 1
+    assert [p.source for p in plan.passes] == ["x", *plan.cuts]
+    assert plan.passes[0].num_tiles > 1 and plan.passes[1].num_tiles > 1
     with torch.no_grad():
         assert (sm(x) - sm.analysis.graph_module(x)).abs().max() < 1e-4
 
@@ -77,7 +76,7 @@ def test_segments_read_their_input_as_views_unless_they_write_it():
     model = resnet18()
     sm = fxstream.compile(model, tile_size=64, input_shape=(1, 3, 256, 256),
                           cuts=["layer1", "add_2"])
-    assert [e.copy_input for e in sm.engine.segments] == [False, False, True]
+    assert [not p.view_input for p in sm.plan((1, 3, 256, 256)).passes] == [False, False, True]
     views = {}
 
     def record(name):
@@ -103,13 +102,13 @@ def pool_after_cut_net():
                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
 
 
-def test_segment_without_parameters_runs_on_the_chains_device():
+def test_segment_without_parameters_runs_on_the_plans_device():
     """Not on its input's: an offloaded cut map lies on the host while the model is on CUDA."""
     sm = fxstream.compile(pool_after_cut_net(), tile_size=16, input_shape=(1, 3, 40, 40),
                           cuts=["1"])
-    last = sm.engine.segments[-1]
-    assert not list(last.stem.parameters()) and not list(last.stem.buffers())
-    assert last.stem_device(torch.empty(1, 4, 40, 40, device="meta")) == torch.device("cpu")
+    last = sm.engines[-1]
+    assert not list(last.graph.parameters()) and not list(last.graph.buffers())
+    assert last.device == torch.device(sm.plan((1, 3, 40, 40)).device) == torch.device("cpu")
     result = check(pool_after_cut_net(), (1, 3, 40, 40), 16, cuts=["1"])
     assert not [d for d in result.diffs if not d.ok]
 
@@ -130,47 +129,47 @@ def test_budget_analysis_and_runtime_agree(monkeypatch):
     monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**30)  # one baseline for both
     model = resnet18()
     shape = (1, 3, 2048, 2048)
-    a = fxstream.analyze(model, shape, memory_budget="3GiB")
-    choice = a.budget_plan
+    choice = make_plan(fxstream.analyze(model, shape), PlanOptions(memory_budget="3GiB"))
     sm = fxstream.compile(model, input_shape=shape, memory_budget="3GiB")
-    assert sm.engine.cuts == choice.cuts
-    assert tuple(seg.tile_size for seg in sm.engine.segments) == choice.segment_tiles
-    assert tuple(seg.keep for seg in sm.engine.segments[:-1]) == choice.segment_keep[:-1]
-    assert choice.estimated_peak <= choice.budget
+    assert sm.plan(shape) == choice
+    assert choice.estimate.peak <= choice.budget
+
+
+def _plan(model, shape, budget, baseline=2**29, **kwargs):
+    from fxstream.planner import Situation
+
+    return make_plan(fxstream.analyze(model, shape),
+                     PlanOptions(memory_budget=budget, **kwargs), Situation(baseline=baseline))
 
 
 def test_budget_prefers_less_work_when_memory_allows():
-    model = resnet18()
-    a = fxstream.analyze(model, (1, 3, 4096, 4096))
-    tight = choose_plan(a, (1, 3, 4096, 4096), "2GiB", baseline=2**29)
-    roomy = choose_plan(a, (1, 3, 4096, 4096), "16GiB", baseline=2**29)
-    assert roomy.work_ratio <= tight.work_ratio
-    assert tight.estimated_peak <= 2 * 2**30
+    shape = (1, 3, 4096, 4096)
+    tight, roomy = _plan(resnet18(), shape, "2GiB"), _plan(resnet18(), shape, "16GiB")
+    assert roomy.estimate.work <= tight.estimate.work
+    assert tight.estimate.peak <= 0.95 * 2 * 2**30
+    assert sum(p.num_tiles for p in tight.passes) > sum(p.num_tiles for p in roomy.passes)
 
 
 def test_budget_too_small():
-    a = fxstream.analyze(resnet18(), (1, 3, 1024, 1024))
     with pytest.raises(fxstream.PlanError, match=r"no plan fits a memory budget of 0.10 GiB.*"
                                                  r"smallest estimated peak"):
-        choose_plan(a, (1, 3, 1024, 1024), "0.1GiB")
+        _plan(resnet18(), (1, 3, 1024, 1024), "0.1GiB", baseline=2**26)
 
 
-def test_budget_keeps_one_tile_graphs_when_they_fit(monkeypatch):
+def test_budget_keeps_one_tile_graphs_when_they_fit():
     """With room, one-tile segments keep their graphs (no recompute) and the result is exact."""
-    monkeypatch.setattr("fxstream.budget.current_rss", lambda: 2**26)
     model = resnet18()
     shape = (1, 3, 512, 512)
-    a = fxstream.analyze(model, shape)
-    roomy = choose_plan(a, shape, "4GiB")
-    assert roomy.cuts == () and roomy.segment_keep == (True,)  # one segment, run whole
-    kept_cuts = choose_plan(a, shape, "4GiB", cuts=["layer1", "layer3"])
-    assert kept_cuts.segment_keep == (True, True, True)
-    assert kept_cuts.work_ratio == pytest.approx(0.75)
+    roomy = _plan(model, shape, "4GiB", baseline=2**26)
+    assert roomy.cuts == () and [p.keep for p in roomy.passes] == [True]  # run whole
+    kept_cuts = _plan(model, shape, "4GiB", baseline=2**26, cuts=("layer1", "layer3"))
+    assert [p.keep for p in kept_cuts.passes] == [True, True, True]
+    assert kept_cuts.estimate.work == pytest.approx(0.75)
     sm = fxstream.compile(model, input_shape=shape, memory_budget="4GiB",
                           cuts=["layer1", "layer3"])
-    assert [seg.keep for seg in sm.engine.segments[:-1]] == [True, True]
+    assert [p.keep for p in sm.plan(shape).passes[:-1]] == [True, True]
     x = torch.randn(shape, requires_grad=True)
-    (first,) = sm.engine.segments[0](x)
+    (first,) = sm.engines[0](x)
     assert "StreamFunction" not in type(first.grad_fn).__name__  # a plain autograd graph
     result = check(model, (1, 3, 256, 256), None, cuts=["layer1", "layer3"],
                    memory_budget="4GiB")
@@ -178,10 +177,9 @@ def test_budget_keeps_one_tile_graphs_when_they_fit(monkeypatch):
 
 
 def test_offload_plans_keep_no_graph():
-    a = fxstream.analyze(resnet18(), (1, 3, 512, 512))
-    plan = choose_plan(a, (1, 3, 512, 512), "4GiB", baseline=2**26, cuts=["layer1", "layer3"],
-                       keep_graphs=False)
-    assert plan.segment_keep == (False, False, True)
+    plan = _plan(resnet18(), (1, 3, 512, 512), "4GiB", baseline=2**26,
+                 cuts=("layer1", "layer3"), offload=True)
+    assert [p.keep for p in plan.passes] == [False, False, True]
 
 
 def _brute_force(points, nodes, fixed, limit, options):
@@ -199,7 +197,7 @@ def _brute_force(points, nodes, fixed, limit, options):
             for picks in itertools.product(*segs):
                 held, cost, ok = 0.0, 0.0, True
                 for o, dst in zip(picks, chain[1:]):
-                    out = nodes[dst].bytes if dst is not None else 0
+                    out = nodes[dst].map_bytes if dst is not None else 0
                     ok &= fixed + held + o.mem <= limit and fixed + held + out + o.held <= limit
                     held += out + o.held
                     cost += o.cost + (CUT_WORK * nodes[dst].numel if dst is not None else 0)
@@ -222,18 +220,18 @@ def test_cut_search_finds_the_least_cost_plan(seed):
 
     class Node:
         def __init__(self):
-            self.bytes = rng.randint(1, 30)
+            self.map_bytes = rng.randint(1, 30)
             self.numel = rng.randint(0, 3)
 
     nodes = {p: Node() for p in points}
     table = {}
     for i, a in enumerate(points):
         for b in points[i + 1:] + [None]:
-            opts = [_Option(rng.uniform(10, 50), -t, rng.randint(1, 50), 1.0, t, False, 0.0)
+            opts = [_Option(rng.uniform(10, 50), -t, rng.randint(1, 50), 1.0, (t,), False, 0.0)
                     for t in range(rng.randint(0, 3))]
             if rng.random() < 0.6:  # one tile: it may keep its graph (cheaper, holds more)
                 held = 0.0 if b is None else rng.randint(5, 50)
-                opts.append(_Option(rng.uniform(1, 30), -9, rng.randint(1, 50), 1.0, 9, False,
+                opts.append(_Option(rng.uniform(1, 30), -9, rng.randint(1, 50), 1.0, (9,), False,
                                     0.0, True, held))
             table[a, b] = opts
 
@@ -262,7 +260,7 @@ def test_thin_keeps_stage_ends_and_spreads_the_rest():
         for i in range(n):
             name = f"s{stride}_{i}"
             cands.append(name)
-            nodes[name] = SimpleNamespace(stride=(stride,), bytes=10**6 // stride)
+            nodes[name] = SimpleNamespace(stride=(stride,), map_bytes=10**6 // stride)
     kept = _thin(cands, nodes)
     assert len(kept) <= MAX_CANDIDATES and len(kept) >= MAX_CANDIDATES - len(levels)
     assert kept == sorted(kept, key=cands.index)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import fxstream
-from fxstream.analysis import smallest_tile_size
+from fxstream.planner import smallest_tile_size
 from fxstream.check import check
 from tests.zoo import HANDWRITTEN, ZOO
 
@@ -148,8 +148,7 @@ def build(name: str) -> nn.Module:
 def resolve_tile(case: Case, model: nn.Module):
     if case.plan == "one_tile":
         return None
-    smallest = smallest_tile_size(fxstream.analyze(model, case.shape, split=case.split),
-                                  case.shape)
+    smallest = smallest_tile_size(fxstream.analyze(model, case.shape, split=case.split))
     if case.plan == "smallest":
         return smallest
     return case.tile if case.tile is not None else _non_dividing(case.shape, smallest)

@@ -5,7 +5,8 @@ geometry, or raises ``NotLocal`` with the reason. Ops missing from :data:`RULES`
 ("no geometry rule for ..."): never guessed local. One module per rule family; importing this
 package registers them all.
 """
-from . import joins, layout, optional, pointwise, reduce, sliding  # noqa: F401  (registration)
+from . import (joins, layout, optional, pointwise, reduce, sliding,  # noqa: F401  (registration)
+               statistics)
 from .reduce import SHAPE_ATTRS, SHAPE_METHODS
 from .table import OPTIONAL_RULES, RULES, lookup, rule
 

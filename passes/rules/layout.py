@@ -5,6 +5,7 @@ import operator
 
 import sympy
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -12,6 +13,7 @@ from ..context import NotLocal, RuleContext
 from ..geometry import Local
 from ..windows import conv_axis, nearest_axis
 from .helpers import _norm_dim, _rank, _require_non_spatial, _window
+from .sliding import pad_axis
 from .table import rule
 
 
@@ -129,39 +131,92 @@ def split(ctx: RuleContext) -> Local:
 
 @rule(operator.getitem)
 def getitem(ctx: RuleContext) -> Local:
-    """Indexing a tuple of local tensors, or a tensor along non-spatial dims only."""
+    """Indexing a tuple of local tensors, or a tensor: non-spatial dims by constants, spatial
+    axes by slices that crop the same number of pixels from each end in every tile
+    (``x[..., 1:-1]``, ``x[..., :x.shape[-1] - 1]``), with a constant step."""
     local = ctx.local()
     source = ctx.arg(0)
-    index = ctx.value(ctx.arg(1))
+    raw = ctx.arg(1)
     if not hasattr(source.meta.get("tensor_meta"), "shape"):
         return local  # an element of a tuple output (chunk, split, max with dim)
-    if not isinstance(index, tuple):
-        index = (index,)
+    index = raw if isinstance(raw, tuple) else (raw,)  # a list is one (advanced) index
     rank = _rank(ctx)
     if Ellipsis in index:
         i = index.index(Ellipsis)
         fill = rank - (len(index) - 1 - sum(1 for x in index if x is None))
         index = index[:i] + (slice(None),) * fill + index[i + 1:]
-    mapping, d_in, d_out = {}, 0, 0
+    mapping, slices, d_in, d_out = {}, {}, 0, 0
     for item in index:
         if item is None:
             d_out += 1
             continue
         if isinstance(item, slice):
-            if d_in in local.dims and item != slice(None):
-                raise NotLocal(f"slices spatial axis {local.dims.index(d_in)} with {item}")
+            if d_in in local.dims:
+                slices[local.dims.index(d_in)] = item
+            else:
+                ctx.value((item.start, item.stop, item.step))
             mapping[d_in] = d_out
             d_in, d_out = d_in + 1, d_out + 1
-        elif isinstance(item, int):
+            continue
+        if isinstance(item, fx.Node):
+            item = ctx.value(item)
+        if isinstance(item, int):
             if d_in in local.dims:
                 raise NotLocal(f"indexes spatial axis {local.dims.index(d_in)}")
             d_in += 1
-        else:
-            raise NotLocal(f"indexing with {type(item).__name__}")
+        else:  # advanced indexing (fx keeps a list as its immutable_list)
+            kind = "list" if isinstance(item, list) else type(item).__name__
+            raise NotLocal(f"indexing with {kind}")
     for rest in range(d_in, rank):
         mapping[rest] = d_out + rest - d_in
+    for k, item in slices.items():
+        local = _slice_axis(ctx, local, k, ctx.symbolic(item.start), ctx.symbolic(item.stop),
+                            ctx.value(item.step))
     return local.with_axes(local.axes, [mapping[d] for d in local.dims])
 
+
+@rule("narrow", torch.narrow)
+def narrow(ctx: RuleContext) -> Local:
+    """``x.narrow(dim, start, length)`` is ``x[..., start:start + length]`` on ``dim`` (torch
+    refuses a range past the end; a negative start counts from the end)."""
+    local = ctx.local()
+    dim = _norm_dim(ctx.value(ctx.arg(1, "dim")), _rank(ctx))
+    start, length = ctx.arg(2, "start"), ctx.arg(3, "length")
+    if dim not in local.dims:
+        ctx.value((start, length))
+        return local
+    start, length = ctx.symbolic(start), ctx.symbolic(length)
+    return _slice_axis(ctx, local, local.dims.index(dim), start, start + length, 1)
+
+
+def _slice_axis(ctx, local: Local, k: int, start, stop, step) -> Local:
+    """Spatial axis ``k`` of ``local`` sliced ``[start:stop:step]`` (Python's bounds): a crop,
+    then every ``step``-th position (a 1-tap window of stride ``step``)."""
+    step = 1 if step is None else step  # torch: a positive int
+    n = local.axes[k].size
+    start = sympy.Integer(0) if start is None else sympy.sympify(start)
+    values, _ = ctx.tile_values(local, [start])
+    if values is None or any(v < 0 for (v,) in values):
+        raise NotLocal(f"slice start {start} on spatial axis {k} is not the same distance from "
+                       "the start of every tile (a negative start counts from the end)")
+    if stop is None:
+        crop = sympy.Integer(0)
+    else:
+        stop = sympy.sympify(stop)
+        crop = -stop if stop.is_number and stop < 0 else n - stop
+        values, _ = ctx.tile_values(local, [crop])
+        if (stop.is_number and stop >= 0) or values is None:
+            raise NotLocal(f"slice stop {stop} on spatial axis {k} is not the same distance "
+                           f"from the end of every tile; to crop m pixels use -m or "
+                           "x.shape[...] - m")
+        if any(v < 0 for (v,) in values):  # a stop past the end stops at the end
+            crop = sympy.Max(crop, 0)
+    local = pad_axis(ctx, local, k, -start, -crop)
+    if step > 1:
+        axes = list(local.axes)
+        axes[k] = axes[k].then(*conv_axis(axes[k].size, 1, step, 0, 0, 1))
+        local = local.with_axes(axes)
+    return local
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..context import NotLocal, RuleContext
-from ..geometry import Local, hull
+from ..geometry import Local, Reduced, Reduction, hull
 from .helpers import _check_constant_args, _norm_dim, _rank, _require_non_spatial
 from .joins import elementwise
 from .table import RULES, rule
@@ -38,13 +38,62 @@ def reduce(ctx: RuleContext) -> Local:
     if dim is None or isinstance(dim, bool):  # torch.var(x, True): `unbiased`, all dims
         raise NotLocal(f"{name} over all dims, spatial axes included")
     dims = [_norm_dim(d, rank) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
-    _require_non_spatial(ctx, local, dims, f"{name} reduces")
     # torch.norm(x, p, dim, keepdim); torch.var/std(x, dim, unbiased, keepdim)
     keepdim_index = 3 if name in ("norm", "var", "std") else 2
-    keepdim = ctx.value(ctx.arg(keepdim_index, "keepdim", False))
+    keepdim = ctx.value(ctx.arg(keepdim_index, "keepdim", ctx.node.kwargs.get("keepdims",
+                                                                                False)))
+    if set(dims) & set(local.dims):
+        return _whole_image_reduction(ctx, local, name, dims, bool(keepdim))
     if keepdim:
         return local
     return local.with_axes(local.axes, [d - sum(1 for r in dims if r < d) for d in local.dims])
+
+
+# reductions that are sums over the image (streamed as per-tile partial sums); the others
+# (max, prod, logsumexp, arg-reductions) are refused with their reason
+SUM_REDUCTIONS = {"mean": "mean", "sum": "sum", "var": "var", "std": "std"}
+
+
+def _whole_image_reduction(ctx, local, name, dims, keepdim) -> Reduced:
+    """A reduction over every spatial axis of a local tensor, as a streamed sum."""
+    spatial = set(local.dims)
+    if not spatial <= set(dims):
+        raise NotLocal(f"{name} reduces over spatial axis "
+                       f"{local.dims.index(min(set(dims) & spatial))} but not over all of them")
+    correction = 0
+    if name == "norm":
+        p = ctx.value(ctx.arg(1, "p", "fro"))
+        if p not in (2, 2.0, "fro"):
+            raise NotLocal(f"norm with p={p!r} over the image: only the 2-norm is a streamed sum")
+        kind = "norm2"
+    elif name in SUM_REDUCTIONS:
+        kind = SUM_REDUCTIONS[name]
+        if name in ("var", "std"):
+            unbiased = ctx.node.kwargs.get("unbiased", ctx.node.args[2] if
+                                           len(ctx.node.args) > 2 else None)
+            correction = ctx.value(ctx.node.kwargs.get("correction", 1 if unbiased in
+                                                       (None, True) else 0))
+    else:
+        raise NotLocal(f"{name} over the whole image: only sums (mean, sum, var, std, the "
+                       "2-norm) are streamed")
+    return Reduced(ctx.node.name, f"{name} over the whole image",
+                   Reduction(kind, tuple(sorted(dims)), keepdim, int(correction or 0)))
+
+
+@rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, F.adaptive_avg_pool1d,
+      F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+def adaptive_avg_pool(ctx: RuleContext):
+    """To one output per channel it is the spatial mean (a streamed sum); to more it averages a
+    fraction of the image that depends on its size."""
+    local = ctx.local()
+    size = ctx.module.output_size if ctx.module is not None else \
+        ctx.value(ctx.arg(1, "output_size"))
+    n = len(local.dims)
+    sizes = size if isinstance(size, (list, tuple)) else (size,) * n
+    if all(s == 1 for s in sizes) and len(sizes) == n:
+        return Reduced(ctx.node.name, "adaptive average pooling to 1: the mean of the whole "
+                                      "image", Reduction("mean", tuple(local.dims), True))
+    raise NotLocal("adaptive pooling: each output averages a fraction of the whole image")
 
 
 @rule(*ALONG_FUNCTIONS, *ALONG_METHODS, nn.Softmax, nn.LogSoftmax, nn.GLU, nn.Softmax2d)
@@ -112,15 +161,9 @@ def layer_norm(ctx: RuleContext) -> Local:
 
 
 GLOBAL_REASONS = {
-    nn.AdaptiveAvgPool1d: "adaptive pooling: each output averages a fraction of the whole image",
-    nn.AdaptiveAvgPool2d: "adaptive pooling: each output averages a fraction of the whole image",
-    nn.AdaptiveAvgPool3d: "adaptive pooling: each output averages a fraction of the whole image",
     nn.AdaptiveMaxPool1d: "adaptive pooling: each output reads a fraction of the whole image",
     nn.AdaptiveMaxPool2d: "adaptive pooling: each output reads a fraction of the whole image",
     nn.AdaptiveMaxPool3d: "adaptive pooling: each output reads a fraction of the whole image",
-    F.adaptive_avg_pool1d: "adaptive pooling: each output averages a fraction of the whole image",
-    F.adaptive_avg_pool2d: "adaptive pooling: each output averages a fraction of the whole image",
-    F.adaptive_avg_pool3d: "adaptive pooling: each output averages a fraction of the whole image",
     F.adaptive_max_pool1d: "adaptive pooling: each output reads a fraction of the whole image",
     F.adaptive_max_pool2d: "adaptive pooling: each output reads a fraction of the whole image",
     F.adaptive_max_pool3d: "adaptive pooling: each output reads a fraction of the whole image",

@@ -1,14 +1,16 @@
 """Sliding-window layers: convolution, pooling, transposed convolution, upsampling, padding."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import sympy
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..context import NotLocal, RuleContext
-from ..geometry import Local, is_tile_invariant
-from ..windows import (conv_axis, expand, integer_factor, linear_axis, nearest_axis, pool_axis,
-                       transposed_axis)
+from ..geometry import Local
+from ..windows import (expand, integer_factor, linear_axis, nearest_axis, pad_window,
+                       padded_axis, pool_axis, transposed_axis)
 from .helpers import _check_constant_args, _rank, _window
 from .table import rule
 
@@ -35,16 +37,9 @@ def _conv(ctx, n, kernel, stride, padding, dilation, mode="zeros"):
     lo, hi = _conv_padding(padding, n, kernel, dilation)
     if mode == "circular":
         raise NotLocal("circular padding wraps around the image: border outputs read the far side")
-    if mode in ("reflect", "replicate"):
-        for j in range(n):
-            reach = dilation[j] * (kernel[j] - 1)
-            limit = reach // 2 if mode == "reflect" else reach
-            if max(lo[j], hi[j]) > limit:
-                raise NotLocal(f"{mode} padding of {max(lo[j], hi[j])} reads outside the "
-                               f"kernel's window at the border (at most {limit} is local)")
     return _window(ctx, local, n,
-                   lambda j, ax: conv_axis(ax.size, kernel[j], stride[j], lo[j], hi[j],
-                                           dilation[j]))
+                   lambda j, ax: padded_axis(ax.size, kernel[j], stride[j], lo[j], hi[j],
+                                             dilation[j], mode))
 
 
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -117,6 +112,29 @@ rule(F.avg_pool2d)(_pool_function(2, False))
 rule(F.avg_pool3d)(_pool_function(3, False))
 
 
+@rule(nn.LPPool1d, nn.LPPool2d, nn.LPPool3d)
+def lppool_module(ctx: RuleContext) -> Local:
+    """``(avg_pool(x**p) * kernel volume) ** (1/p)``: an average pool's window, no padding."""
+    m = ctx.module
+    n = int(type(m).__name__[-2])
+    return _pool(ctx, n, m.kernel_size, m.stride, 0, 1, m.ceil_mode)
+
+
+def _lp_pool_function(n):
+    def lp_pool_fn(ctx: RuleContext) -> Local:
+        kernel = ctx.value(ctx.arg(2, "kernel_size"))
+        stride = ctx.value(ctx.arg(3, "stride", None))
+        ceil_mode = ctx.value(ctx.arg(4, "ceil_mode", False))
+        return _pool(ctx, n, kernel, stride, 0, 1, ceil_mode)
+
+    return lp_pool_fn
+
+
+rule(F.lp_pool1d)(_lp_pool_function(1))
+rule(F.lp_pool2d)(_lp_pool_function(2))
+rule(F.lp_pool3d)(_lp_pool_function(3))
+
+
 @rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose_module(ctx: RuleContext) -> Local:
     m = ctx.module
@@ -143,18 +161,16 @@ def _conv_transpose(ctx, n, kernel, stride, padding, dilation, output_padding):
     kernel, stride = expand(kernel, n, "kernel_size"), expand(stride, n, "stride")
     padding, dilation = expand(padding, n, "padding"), expand(dilation, n, "dilation")
     output_padding = expand(output_padding, n, "output_padding")
-    for j in range(n):
-        if len({dilation[j] * t % stride[j] for t in range(kernel[j])}) < stride[j]:
-            raise NotLocal(f"transposed conv with kernel {kernel[j]} < stride {stride[j]} (after "
-                           "dilation) leaves outputs that read no input; a tile cannot place "
-                           "them, so it is not streamed")
     return _window(ctx, local, n,
                    lambda j, ax: transposed_axis(ax.size, kernel[j], stride[j], padding[j],
-                                                 dilation[j], output_padding[j]))
+                                                 dilation[j], output_padding[j], ax.end_slack))
 
 
 # ---------------------------------------------------------------------------------------------
 # upsampling
+
+
+UPSAMPLE_MODES = ("nearest", "nearest-exact", "area", "linear", "bilinear", "trilinear")
 
 
 def _upsample(ctx, local, size, scale_factor, mode, align_corners):
@@ -162,25 +178,79 @@ def _upsample(ctx, local, size, scale_factor, mode, align_corners):
     n = rank - 2
     if align_corners:
         raise NotLocal("interpolation with align_corners=True: the scale depends on the image size")
-    if mode not in ("nearest", "linear", "bilinear", "trilinear"):
+    if mode not in UPSAMPLE_MODES:
         raise NotLocal(f"no geometry rule for interpolate mode '{mode}'", kind="no_rule")
     if size is not None:
-        factors = []
+        ratios = []
         sizes = expand(size, n, "size")
         for j in range(n):
             k = local.dims.index(rank - n + j) if (rank - n + j) in local.dims else None
             if k is None:
                 raise NotLocal("interpolate over a non-spatial tensor dim")
-            ratio = sympy.simplify(sympy.sympify(sizes[j]) / local.axes[k].size)
-            if not (ratio.is_integer and ratio >= 1):
-                raise NotLocal(f"interpolate to size {sizes[j]}: not a fixed integer ratio of "
-                               f"the input size {local.axes[k].size}")
-            factors.append(int(ratio))
+            ratios.append(_size_ratio(ctx, local, k, sympy.sympify(sizes[j]), mode))
+    elif mode == "area":
+        ratios = [_area_scale(f) for f in expand(scale_factor, n, "scale_factor")]
     else:
-        factors = [integer_factor(f, "interpolate") for f in expand(scale_factor, n,
-                                                                      "scale_factor")]
-    axis_fn = nearest_axis if mode == "nearest" else linear_axis
-    return _window(ctx, local, n, lambda j, ax: axis_fn(ax.size, factors[j]))
+        ratios = [sympy.Integer(integer_factor(f, "interpolate"))
+                  for f in expand(scale_factor, n, "scale_factor")]
+    if mode == "area" and any(r < 1 for r in ratios):
+        return _area_down(ctx, local, n, [int(1 / r) for r in ratios])
+    # nearest-exact reads floor((o + 1/2)/f), which is floor(o/f) for an integer f; area
+    # upsampling by f averages input [floor(o/f), ceil((o+1)/f)) = [floor(o/f), floor(o/f) + 1)
+    axis_fn = linear_axis if mode in ("linear", "bilinear", "trilinear") else nearest_axis
+    return _window(ctx, local, n, lambda j, ax: axis_fn(ax.size, int(ratios[j])))
+
+
+def _size_ratio(ctx, local, k, target, mode) -> sympy.Rational:
+    """``target / size`` of axis ``k``, which must be the same at every image size: an integer
+    (or ``1/f`` for area), with ``target - ratio*size`` zero in every residue class."""
+    size = local.axes[k].size
+    traced = ctx.shape(ctx.arg(0, "input"))[local.dims[k]]
+    ratio = sympy.Rational(int(target.subs(ctx.input_sizes)) if target.free_symbols
+                           else int(target), traced)
+    values, _ = ctx.tile_values(local, [target - ratio * size])
+    fixed = values is not None and all(v == 0 for (v,) in values)
+    if not fixed or not (ratio.is_integer and ratio >= 1 or mode == "area" and ratio.p == 1):
+        raise NotLocal(f"interpolate to size {target}: not a fixed integer ratio of the input "
+                       f"size {size}")
+    return ratio
+
+
+def _area_scale(scale) -> sympy.Rational:
+    """An area scale factor: an integer ``f`` (upsampling), or ``1/f`` whose float times a
+    multiple ``f*m`` of ``f`` gives exactly ``m`` (torch sizes the output ``int(n * scale)``)."""
+    f = sympy.nsimplify(scale)
+    if f.is_integer and f >= 1:
+        return sympy.Integer(f)
+    if f.is_Rational and f.p == 1:
+        # float(scale) * f*m rounds to m when |f*scale - 1| <= 2**-54 (within half a unit in the
+        # last place of any m); 1/2, 1/3, 1/4 qualify
+        err = abs(Fraction(float(scale)) * f.q - 1)
+        if err <= Fraction(1, 2 ** 54):
+            return sympy.Rational(1, f.q)
+        raise NotLocal(f"area interpolation by scale factor {scale}: torch sizes the output "
+                       f"int(n * {scale}), which in floating point is not n/{f.q} at every "
+                       f"multiple n of {f.q}; pass size= instead")
+    raise NotLocal(f"area interpolation by scale factor {scale}: neither an integer nor "
+                   "1/integer, so its windows differ from tile to tile")
+
+
+def _area_down(ctx, local, n, factors):
+    """Area interpolation to ``1/f`` of the size is adaptive average pooling: output ``o``
+    averages ``[floor(o*n/m), ceil((o+1)*n/m))`` with ``m`` outputs. At sizes ``n = f*m`` that
+    is ``[o*f, (o+1)*f)``, an average pool (kernel and stride ``f``); at other sizes the
+    windows drift, so the size must be a multiple of ``f`` at every image size."""
+    rank = _rank(ctx)
+    for k, d in enumerate(local.dims):
+        f = factors[d - (rank - n)]
+        ax = local.axes[k]
+        values, _ = ctx.tile_values(local, [ax.size - f * sympy.floor(ax.size / f)])
+        if values is None or any(v != 0 for (v,) in values):
+            raise NotLocal(f"area interpolation to 1/{f} of size {ax.size}, which is not a "
+                           f"multiple of {f} at every image size: torch then averages windows "
+                           "of varying width (adaptive pooling)")
+    return _window(ctx, local, n,
+                   lambda j, ax: pool_axis(ax.size, factors[j], factors[j], 0, 1, False))
 
 
 @rule(F.interpolate, F.upsample)
@@ -213,28 +283,32 @@ def _pad(ctx, local: Local, pads, mode):
             (rank - 1 - i // 2) in local.dims and sympy.sympify(p) != 0
             for i, p in enumerate(pads)):
         raise NotLocal("circular padding wraps around the image: border outputs read the far side")
-    axes = list(local.axes)
     for i in range(0, len(pads), 2):
         d = rank - 1 - i // 2
         if d not in local.dims:
             for p in pads[i:i + 2]:
                 ctx.value(p) if isinstance(p, sympy.Basic) and p.free_symbols else None
             continue
-        k = local.dims.index(d)
-        lo, hi = sympy.sympify(pads[i]), sympy.sympify(pads[i + 1])
-        ax = axes[k]
-        for p, side in ((lo, "start"), (hi, "end")):
-            if not is_tile_invariant(p, ax.align, ctx.symbols):
-                raise NotLocal(f"pads axis {k} at the {side} by {p}, which is not the same in "
-                               f"every tile")
-        if mode in ("reflect", "replicate") and (not lo.is_number or not hi.is_number or
-                                                 lo > 0 or hi > 0):
-            raise NotLocal(f"{mode} padding by F.pad reads the border rows it mirrors: "
-                           "no geometry rule", kind="no_rule")
-        # a crop (negative pad) leaves a tile without values next to its edges that the image
-        # has: widen the window so the outputs that would read them stay invalid
-        a, b = sympy.Min(-lo, 0), -lo + sympy.Max(0, -hi)
-        axes[k] = ax.then(1, a, b, ax.size + lo + hi)
+        local = pad_axis(ctx, local, local.dims.index(d), pads[i], pads[i + 1],
+                         "constant" if mode == "circular" else mode)
+    return local
+
+
+def pad_axis(ctx, local: Local, k: int, lo, hi, mode="constant") -> Local:
+    """Spatial axis ``k`` of ``local`` padded by ``lo`` before and ``hi`` after (negative: a
+    crop). A shape-derived amount must take one value per residue of the sizes (the same in
+    every tile); the window is then the hull of :func:`~passes.windows.pad_window` over those
+    values (a U-Net's pad-to-match crops one pixel at odd sizes only)."""
+    lo, hi = sympy.sympify(lo), sympy.sympify(hi)
+    for p, side in ((lo, "start"), (hi, "end")):
+        if ctx.tile_values(local, [p])[0] is None:
+            raise NotLocal(f"pads axis {k} at the {side} by {p}, which is not the same in "
+                           "every tile")
+    values, local = ctx.tile_values(local, [lo, hi])
+    windows = [pad_window(1, 1, int(p_lo), int(p_hi), 1, mode) for p_lo, p_hi in values]
+    a, b = min(w[0] for w in windows), max(w[1] for w in windows)
+    axes = list(local.axes)
+    axes[k] = axes[k].then(1, a, b, axes[k].size + lo + hi)
     return local.with_axes(axes)
 
 

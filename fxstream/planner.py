@@ -1,0 +1,428 @@
+"""The planner: an analysis and the user's options in, a frozen :class:`~fxstream.plans.Plan` out.
+
+For one input shape it decides the cuts and every segment's tile size (the user's, or the
+memory-budget search's in :mod:`fxstream.budget`), splits the stem into segments
+(:mod:`fxstream.segments`), tiles each segment's map (:mod:`fxstream.tiling`), checks every
+distinct tile length by running the segment on the meta device (a tile on which an op would fail
+is widened), lowers the tiles to index tuples and records what the user should know.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+import passes
+from passes import GEOMETRY, ROLE, Local
+
+from . import budget as budget_search
+from . import memory as memory_model
+from .analysis import Analysis
+from .errors import PlanError
+from .hostmem import pool_enabled
+from .plans import Estimate, MapOutput, Pass, Plan, SumOutput, Tile
+from .segments import Segment, image_node, resolve_cuts, split_segments
+from .tiling import TilePlan, plan_tiles, smallest_tile, tile_sizes
+
+log = logging.getLogger(__name__)
+
+# a plan whose passes compute more than this many times their map's pixels is flagged
+WASTEFUL_REDUNDANCY = 3.0
+GOOD_REDUNDANCY = 1.5
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked for (see :func:`fxstream.compile`)."""
+
+    tile_size: object = None  # int, one per axis, or None (the budget chooses)
+    cuts: tuple[str, ...] | None = None
+    memory_budget: object = AUTO  # bytes, "8GiB", "auto" or None (no budget: tile_size plan)
+    offload: bool = False
+    cudnn_benchmark: bool = False
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Where the plan will run: what the budget counts besides the model."""
+
+    device: str = "cpu"
+    baseline: int | None = None  # memory in use now (None: measured when planning)
+    image_resident: bool = False  # the image is already in memory (counted in the baseline)
+    image_grad: bool = False  # the image requires grad (its gradient is a full-size map)
+    available: int | None = None  # memory the process can reach (None: asked when planning)
+
+
+def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = Situation()
+              ) -> Plan:
+    """The plan the runtime runs for ``analysis.input_shape``.
+
+    Raises :class:`PlanError` for a tile size that has no legal plan, an image too small for
+    the stem, or a memory budget no plan meets.
+    """
+    check_stem_sizes(analysis)
+    cuts = resolve_cuts(analysis, options.cuts) if options.cuts is not None else None
+    if options.memory_budget is None or (options.memory_budget == AUTO and
+                                         options.tile_size is not None):
+        # the user's tile size (and cuts) as asked: no budget, no estimate
+        n = len(split_segments(analysis, cuts or ()))
+        pool = situation.device == "cpu" and pool_enabled()
+        passes_ = build_passes(analysis, options, cuts or (), [options.tile_size] * n,
+                               [pool] * n, [i == n - 1 for i in range(n)])
+        return _finish(analysis, options, situation, passes_, cuts or (), None, None)
+    # 1. what the budget counts besides the passes: the process, gradients, the head
+    memory = budget_memory(analysis, options, situation)
+    limit = budget_search.BUDGET_MARGIN * memory.budget
+    corrections, cache, measured_cache = {}, {}, {}
+    for attempt in range(MEASURED_ATTEMPTS):
+        # 2. the search picks cuts, tiles and kept graphs with the per-node memory model
+        choice = budget_search.choose_plan(analysis, memory, tile_size=options.tile_size,
+                                           cuts=cuts, keep_graphs=not options.offload,
+                                           corrections=corrections, cache=cache)
+        # 3. the segments' tiles, checked on the meta device, lowered to index tuples
+        passes_ = build_passes(analysis, options, choice.cuts, choice.segment_tiles,
+                               choice.segment_pool, choice.segment_keep)
+        # 4. the plan measured: the runtime's code on the meta device, pass by pass
+        measured, phases = measure_plan(analysis, passes_, choice.cuts, memory, measured_cache)
+        peak = max(ph.bytes for ph in phases)
+        if peak <= limit:
+            break
+        corrections = _corrections(analysis, choice, passes_, phases, memory, corrections)
+    else:
+        worst = max(phases, key=lambda ph: ph.bytes)
+        raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
+                        f"input {tuple(analysis.input_shape)}: the best found measures "
+                        f"{peak / 2**30:.2f} GiB in the {worst.name} (process baseline "
+                        f"{memory.baseline / 2**30:.2f} GiB included)")
+    estimate = Estimate(peak=int(peak), baseline=memory.baseline, stored=choice.stored_bytes,
+                        work=plan_work(analysis, passes_), full_peak=memory.full_peak,
+                        phases=tuple((ph.name, ph.bytes) for ph in phases))
+    return _finish(analysis, options, situation, passes_, choice.cuts, memory.budget, estimate)
+
+
+# how often the search is asked again when the measured plan exceeds the budget
+MEASURED_ATTEMPTS = 4
+
+
+def plan_work(analysis, passes_) -> float:
+    """The stem work of a step under these passes relative to the full image's: each pass's
+    nodes' work times its redundancy, forward twice (no grad, then recomputed) and backward
+    once, or once each where a pass keeps its graph."""
+    costs = memory_model.node_costs(analysis)
+    full = sum(c.work for c in costs.values()) or 1.0
+    total = 0.0
+    for p in passes_:
+        work = sum(costs[n.name].work for n in p.graph.graph.nodes if n.name in costs)
+        total += p.redundancy * work * (budget_search.WHOLE_LAST_WORK if p.keep else 1.0)
+    return round(total / full, 3)
+
+
+def build_passes(analysis, options, cuts, tiles, pools, keeps) -> tuple[Pass, ...]:
+    """The passes of each segment between the cuts (one per step: see
+    :class:`fxstream.segments.Step`), each with its tiles checked and lowered."""
+    out = []
+    for i, seg in enumerate(split_segments(analysis, cuts)):
+        for k, step in enumerate(seg.steps):
+            plan = plan_segment(analysis, seg, tiles[i], step)
+            out.append(_pass(analysis, len(out), seg, step, plan, tiles[i], pools[i], keeps[i],
+                             options, segment=i, step_index=k))
+    return tuple(out)
+
+
+def _finish(analysis, options, situation, passes_, cuts, budget, estimate) -> Plan:
+    plan = Plan(input_shape=tuple(analysis.input_shape), dtype=analysis.dtype,
+                device=situation.device, passes=tuple(passes_), cuts=tuple(cuts),
+                boundary=tuple(analysis.boundary), budget=budget, estimate=estimate)
+    return replace(plan, notes=notes(analysis, plan, options))
+
+
+def budget_memory(analysis, options: PlanOptions, situation: Situation):
+    """What a memory budget counts besides the passes, and the budget itself (``"auto"``: see
+    :func:`fxstream.budget.auto_budget`, from the full image's measured step)."""
+    baseline, available = memory_in_use(situation)
+    gm = analysis.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    image = _bytes(nodes[image_node(gm).name])
+    params = sum(p.numel() * p.element_size() for p in gm.parameters() if p.requires_grad)
+    boundary = sum(_bytes(nodes[b]) for b in analysis.boundary if b != image_node(gm).name)
+    fixed = baseline + params + (0 if situation.image_resident else image) + 2 * boundary \
+        + memory_model.head_bytes(analysis)
+    full_peak = None
+    device_type = torch.device(situation.device).type
+    if options.memory_budget == AUTO:
+        full_peak = baseline + memory_model.full_step_live(analysis, device_type) - \
+            (image if situation.image_resident else 0)
+        budget = budget_search.auto_budget(full_peak, baseline, available)
+    else:
+        budget = budget_search.parse_bytes(options.memory_budget)
+    device = torch.device(situation.device).type
+    return budget_search.Memory(baseline=baseline, fixed=fixed, budget=budget, device=device,
+                                image_grad=situation.image_grad, image_bytes=image,
+                                full_peak=full_peak)
+
+
+def measure_plan(analysis, passes_, cuts, memory, cache=None):
+    """Each pass measured on the meta device, and every phase of the step it makes.
+    ``cache``: measurements kept between calls (a pass is measured once)."""
+    gm = analysis.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    image = image_node(gm).name
+    cache = {} if cache is None else cache
+    measured = []
+    for p in passes_:
+        grad = p.source != image or memory.image_grad
+        key = (p.source, tuple(o.name for o in p.outputs), tuple(s.name for s in p.sums),
+               p.side_inputs, p.tiles[0].lengths, p.view_input, p.keep, grad)
+        if key not in cache:
+            tm = nodes[p.source].meta["tensor_meta"]
+            side = [_meta_value(nodes[s].meta.get("tensor_meta")) for s in p.side_inputs]
+            cache[key] = memory_model.measure_pass(p, tm.shape, tm.dtype, side,
+                                                   source_grad=grad, backend=memory.device)
+        measured.append(cache[key])
+    map_bytes = [sum(_bytes(nodes[o.name]) for o in p.outputs if o.name in cuts)
+                 for p in passes_]
+    source_grads = [_bytes(nodes[p.source]) if p.source in cuts else
+                    (memory.image_bytes if memory.image_grad else 0) for p in passes_]
+    factor = memory_model.ALLOCATOR_FACTOR.get(memory.device, 1.0)
+    phases = memory_model.plan_phases(passes_, measured, map_bytes, source_grads, memory.fixed,
+                                      factor)
+    return measured, phases
+
+
+def _corrections(analysis, choice, passes_, phases, memory, corrections):
+    """Per segment, how much more its phases measured than the search estimated."""
+    out = dict(corrections)
+    held = 0.0
+    gm = analysis.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    points = [image_node(gm).name, *choice.cuts, None]
+    for seg, (src, dst) in enumerate(zip(points, points[1:])):
+        mine = {f"pass {p.index}" for p in passes_ if p.segment == seg}
+        measured = max(ph.bytes for ph in phases if ph.name.split(" of ")[-1] in mine)
+        estimated = memory.fixed + held + choice.segment_mem[seg]
+        if measured > estimated:
+            out[(src, dst)] = out.get((src, dst), 1.0) * measured / estimated
+        held += (_bytes(nodes[dst]) if dst is not None else 0) + choice.segment_held[seg]
+    return out
+
+
+def _bytes(node) -> int:
+    tm = node.meta.get("tensor_meta")
+    return math.prod(tm.shape) * tm.dtype.itemsize if hasattr(tm, "shape") else 0
+
+
+def memory_in_use(situation: Situation) -> tuple[int, int | None]:
+    """The budget's baseline and the memory the process can reach: resident memory and what
+    the OS reports available on the CPU; allocated and free device memory on CUDA."""
+    device = torch.device(situation.device)
+    if device.type == "cuda" and situation.baseline is not None and \
+            situation.available is not None:
+        return situation.baseline, situation.available
+    if device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(device)
+        baseline = allocated if situation.baseline is None else situation.baseline
+        if situation.available is not None:
+            return baseline, situation.available
+        free, _total = torch.cuda.mem_get_info(device)
+        return baseline, allocated + free
+    baseline = budget_search.current_rss() if situation.baseline is None else situation.baseline
+    return baseline, situation.available
+
+
+def check_stem_sizes(analysis: Analysis):
+    """Every stem tensor must be non-empty on this image (else the image is too small)."""
+    gm = analysis.graph_module
+    values = _values(analysis)
+    for node in gm.graph.nodes:
+        g = node.meta.get(GEOMETRY)
+        if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
+            continue
+        for k, ax in enumerate(g.axes):
+            size = int(ax.size.subs(values))
+            if size < 1:
+                raise PlanError(
+                    f"the image {tuple(analysis.input_shape)} is too small for the stem: "
+                    f"'{node.name}' ({passes.qualname(node) or node.op}) would have size "
+                    f"{size} on axis {k} (size = {ax.size}); use a larger image")
+
+
+def _values(analysis):
+    return dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
+                    analysis.input_shape[2:]))
+
+
+def plan_segment(analysis: Analysis, seg: Segment, tile_size, step=None) -> TilePlan:
+    """The tiles of one step of a segment (default: its last), every distinct tile length
+    checked on the meta device."""
+    step = step or seg.steps[-1]
+    return plan_tiles(seg.sizes, step.align, step.geometry, tile_size,
+                      valid=validator(analysis, seg, step))
+
+
+def smallest_tile_size(analysis: Analysis, cuts=()) -> tuple[int, ...]:
+    """Per spatial axis, the smallest ``tile_size`` that has a legal plan for the first segment
+    (the one that reads the image), every step of it."""
+    seg = split_segments(analysis, resolve_cuts(analysis, cuts))[0]
+    sizes = [smallest_tile(seg.sizes, step.align, step.geometry, validator(analysis, seg, step))
+             for step in seg.steps]
+    return tuple(max(s[k] for s in sizes) for k in range(len(seg.sizes)))
+
+
+def validator(analysis: Analysis, seg: Segment, step=None):
+    """``valid(axis, length)``: the step's output sizes along ``axis`` when it runs on a tile
+    of that length (the other axes whole) on the meta device, or None when an op fails."""
+    step = step or seg.steps[-1]
+    gm = analysis.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    source_meta = nodes[seg.source].meta["tensor_meta"]
+    side = [_meta_value(nodes[s].meta.get("tensor_meta")) for s in step.side_inputs]
+    src_dims = nodes[seg.source].meta[GEOMETRY].dims
+    out_dims = [nodes[o].meta[GEOMETRY].dims for o in step.outputs]
+
+    def valid(k: int, length: int):
+        shape = list(source_meta.shape)
+        shape[src_dims[k]] = length
+        x = torch.empty(shape, dtype=source_meta.dtype, device="meta")
+        try:
+            outs = passes.run_meta(step.graph, x, *side)
+        except passes.ShapePropagationError:
+            return None
+        sizes = []
+        for out, dims in zip(outs, out_dims):
+            if not isinstance(out, torch.Tensor) or any(s < 1 for s in out.shape):
+                return None
+            sizes.append(out.shape[dims[k]])
+        return tuple(sizes)
+
+    return valid
+
+
+def _meta_value(tm):
+    if hasattr(tm, "shape") and hasattr(tm, "dtype"):
+        return torch.empty(tuple(tm.shape), dtype=tm.dtype, device="meta")
+    return tm
+
+
+def _pass(analysis, index, seg: Segment, step, tiles: TilePlan, tile_size, pool, keep,
+          options: PlanOptions, segment: int = 0, step_index: int = 0) -> Pass:
+    gm = analysis.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rank = len(analysis.input_shape) if seg.source == image_node(gm).name else \
+        len(nodes[seg.source].meta["tensor_meta"].shape)
+    src_dims = nodes[seg.source].meta[GEOMETRY].dims
+    per_output = list(zip(*step.geometry))
+    outputs = tuple(MapOutput(o, tuple(nodes[o].meta[GEOMETRY].dims),
+                              tuple(g.size for g in geos))
+                    for o, geos in zip(step.outputs, per_output))
+    lowered = lower(tiles, rank, src_dims, outputs)
+    graph = step.graph
+    view = all(passes.only_read(n, graph) for n in graph.graph.nodes if n.op == "placeholder"
+               and n.name == seg.source)
+    random = any(passes.draws_random(n, graph) for n in graph.graph.nodes)
+    n_maps = len(step.maps)
+    sums = tuple(_sum_output(nodes, r, lowered, n_maps + j) for j, r in enumerate(step.sums))
+    return Pass(index=index, source=seg.source, side_inputs=step.side_inputs,
+                outputs=outputs[:n_maps], tiles=lowered,
+                tile_size=tuple(tile_sizes(tile_size, len(seg.sizes))),
+                redundancy=round(tiles.redundancy, 4), view_input=view,
+                pool=bool(pool) and len(lowered) > 1,
+                keep=bool(keep) and len(lowered) == 1, random=random,
+                offload=bool(options.offload) and not set(step.maps) & set(analysis.boundary)
+                and bool(step.maps), graph=graph, sums=sums, segment=segment, step=step_index)
+
+
+def _sum_output(nodes, name: str, tiles, position: int):
+    """The :class:`SumOutput` of reduction ``name`` whose summed tensor is the pass's output
+    ``position``: its counts per tile from the positions each tile owns."""
+    node = nodes[name]
+    red = node.meta[GEOMETRY].reduction
+    x = node.args[0]
+    shape = x.meta["tensor_meta"].shape
+    spatial = set(x.meta[GEOMETRY].dims)
+    if red.kind == "moments":
+        other = (shape[1] // red.groups) * (shape[0] if red.batch else 1)
+    else:
+        other = math.prod(shape[d] for d in red.dims if d not in spatial)
+    counts = []
+    for tile in tiles:
+        where = tile.outputs[position]
+        if where is None:
+            counts.append(0)
+            continue
+        owned = math.prod(idx.stop - idx.start for d, idx in enumerate(where[0])
+                          if d in spatial)
+        counts.append(owned * other)
+    out = node.meta["tensor_meta"]
+    return SumOutput(name=name, summed=x.name, kind=red.kind, dims=red.dims, counts=tuple(counts),
+                     shape=tuple(out.shape), dtype=str(out.dtype), correction=red.correction,
+                     groups=red.groups, batch=red.batch)
+
+
+def lower(plan: TilePlan, rank: int, src_dims, outputs) -> tuple[Tile, ...]:
+    """Turn per-axis spans into ready-made index tuples (no per-tile Python work later);
+    largest tiles first, equal shapes together (the host memory pool then grows once)."""
+    tiles = []
+    for spans in plan.tiles():
+        region = [slice(None)] * rank
+        for k, span in enumerate(spans):
+            region[src_dims[k]] = slice(span.start, span.stop)
+        where = []
+        for b, out in enumerate(outputs):
+            out_rank = max(out.dims) + 1
+            g_idx, l_idx = [slice(None)] * out_rank, [slice(None)] * out_rank
+            empty = False
+            for k, span in enumerate(spans):
+                g0, g1 = span.outputs[b]
+                l0, l1 = span.local[b]
+                empty |= g1 <= g0
+                g_idx[out.dims[k]] = slice(g0, g1)
+                l_idx[out.dims[k]] = slice(l0, l1)
+            where.append(None if empty else (tuple(g_idx), tuple(l_idx)))
+        lengths = tuple(s.length for s in spans)
+        tiles.append(Tile(tuple(region), tuple(s.start for s in spans), lengths, tuple(where)))
+    tiles.sort(key=lambda t: (-math.prod(t.lengths), t.lengths))
+    return tuple(tiles)
+
+
+def notes(analysis: Analysis, plan: Plan, options: PlanOptions) -> tuple[str, ...]:
+    """What a user should be told once about this plan: work the stem leaves to the head, an
+    image handed to the head as it is, tiles that recompute most of themselves."""
+    out = []
+    share = analysis.stem_share
+    if share is not None and share < 0.5:
+        heads = [r for r in analysis.global_rows][:1]
+        where = (f" (the head starts at '{heads[0].name}': {heads[0].reason})" if heads else "")
+        out.append(f"the stem holds {share:.0%} of the model's forward work; the rest runs on "
+                   f"the whole image in the head{where}")
+    if analysis.image_in_boundary:
+        out.append("the head reads the image itself (it is handed over as it is, not copied)")
+    for p in plan.passes:
+        if p.redundancy > WASTEFUL_REDUNDANCY and p.num_tiles > 1:
+            better = _better_tile(analysis, p, plan)
+            out.append(f"pass {p.index} computes {p.redundancy:.1f}x the pixels of its map "
+                       f"(tiles overlap by their receptive field){better}")
+    return tuple(out)
+
+
+def _better_tile(analysis, p: Pass, plan: Plan) -> str:
+    """A hint that brings a wasteful pass under GOOD_REDUNDANCY: a larger tile or a budget."""
+    segs = split_segments(analysis, plan.cuts)
+    seg = next(s for s in segs if s.source == p.source)
+    for tile in budget_search.TILE_OPTIONS:
+        if tile <= max(p.tile_size[k] or 0 for k in range(len(p.tile_size))):
+            continue
+        try:
+            red = plan_tiles(seg.sizes, seg.align, seg.geometry, tile).redundancy
+        except PlanError:
+            continue
+        if red <= GOOD_REDUNDANCY:
+            return (f"; tile_size={tile} brings it to {red:.2f}x, or pass memory_budget= and "
+                    "let the planner choose")
+    return "; memory_budget= lets the planner cut the stem so tiles overlap little"
+
+
+__all__ = ["AUTO", "PlanOptions", "Situation", "check_stem_sizes", "lower", "make_plan",
+           "plan_segment", "smallest_tile_size", "validator"]

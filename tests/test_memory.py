@@ -1,0 +1,87 @@
+"""The memory model against what the code really allocates.
+
+The exact model runs the runtime's own code on the meta device (``measure_pass``); here the same
+pass runs for real on the CPU under the same allocation tracker, and the two must agree. The
+per-node model of the budget search is checked to stay close to the exact one; estimates of
+whole steps against measured peaks live in ``examples/memory_check.py`` (a benchmark)."""
+import math
+
+import pytest
+import torch
+import torchvision
+
+import fxstream
+from fxstream.memory import (_Tracker, full_step_live, measure_pass, node_costs,
+                             segment_memory)
+from fxstream.planner import PlanOptions, make_plan
+from fxstream.runtime import PassEngine, StreamFunction
+from fxstream.segments import split_segments
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return fxstream.freeze_batchnorm(torchvision.models.resnet18(num_classes=3)).train()
+
+
+SHAPE = (1, 3, 512, 448)
+CUTS = ("layer1", "add_3")  # the second segment starts with ReLU(inplace=True): copies
+
+
+@pytest.fixture(scope="module")
+def planned():
+    model = resnet18()
+    analysis = fxstream.analyze(model, SHAPE)
+    plan = make_plan(analysis, PlanOptions(tile_size=256, cuts=CUTS, memory_budget=None))
+    return model, analysis, plan
+
+
+def _real_backward(analysis, p, source_grad):
+    """Peak bytes of the pass's real backward on the CPU (all its tiles), less the source's
+    full-size gradient."""
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    tm = nodes[p.source].meta["tensor_meta"]
+    engine = PassEngine(p, torch.device("cpu"))
+    source = torch.randn(tuple(tm.shape), requires_grad=source_grad)
+    params = [q for q in p.graph.parameters() if q.requires_grad]
+    outs = StreamFunction.apply(engine, source, 0, *params)
+    grads = [torch.ones_like(o) for o in outs]
+    with _Tracker("cpu") as t:  # the same kernels' workspace model
+        got = torch.autograd.grad(outs, ([source] if source_grad else []) + params, grads)
+    return t.peak - (got[0].untyped_storage().nbytes() if source_grad else 0)
+
+
+def test_the_meta_measurement_is_what_the_cpu_allocates(planned):
+    _, analysis, plan = planned
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    assert [p.view_input for p in plan.passes] == [True, True, False]
+    assert plan.passes[0].num_tiles > 1
+    for p in plan.passes:
+        tm = nodes[p.source].meta["tensor_meta"]
+        grad = p.index > 0
+        meta = measure_pass(p, tm.shape, tm.dtype, source_grad=grad) if not p.keep else None
+        if meta is None:
+            continue
+        real = _real_backward(analysis, p, grad)
+        assert real == pytest.approx(meta.backward, rel=0.01), p.index
+
+
+def test_the_search_model_stays_close_to_the_measurement(planned):
+    """The per-node model (fast, for the search) within a third of the exact one."""
+    _, analysis, plan = planned
+    costs = node_costs(analysis)
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    for seg, p in zip(split_segments(analysis, plan.cuts), plan.passes):
+        tm = nodes[p.source].meta["tensor_meta"]
+        frac = math.prod(p.tiles[0].lengths) / math.prod(seg.sizes)
+        grad = p.index > 0
+        model = segment_memory(costs, seg.nodes, p.source, frac, p.view_input, grad,
+                               last=p.index == len(plan.passes) - 1)
+        exact = measure_pass(p, tm.shape, tm.dtype, source_grad=grad)
+        assert 0.66 < model.backward / exact.backward < 1.5, (p.index, model, exact)
+
+
+def test_the_full_image_step_grows_with_the_image():
+    model = resnet18()
+    small = full_step_live(fxstream.analyze(model, (1, 3, 1024, 1024)))
+    large = full_step_live(fxstream.analyze(model, (1, 3, 2048, 2048)))
+    assert 3.7 < large / small < 4.0  # activations dominate: four times the pixels

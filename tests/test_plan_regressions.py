@@ -1,0 +1,123 @@
+"""Plans the library accepted and then failed on (found by a random-graph fuzzer), each a named
+regression test: every tile of a plan must run, and the result must equal the full image's."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxstream
+from fxstream.check import check
+
+
+def exact(model, shape, tile, **kwargs):
+    result = check(model, shape, tile, **kwargs)
+    bad = [d for d in result.diffs if not d.ok]
+    assert not bad, bad
+    return result
+
+
+class TwoOutputs(nn.Module):
+    """Two boundary tensors of different extents: a tile that owns outputs of ``y`` only is
+    sized for ``y`` (a 1x1 conv), but the 5x5 conv of the other output runs on it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 1)
+        self.b = nn.Conv2d(4, 2, 5, padding=(2, 1))  # width 50 -> 48: ends before the image
+
+    def forward(self, x):
+        y = self.a(x)
+        return y, self.b(y)
+
+
+class ImagePlusStack(nn.Module):
+    """The head reads the image itself (a global mean) beside the stem's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3, stride=2)
+        self.c2 = nn.Conv2d(2, 2, 5)
+
+    def forward(self, x):
+        return self.c2(self.c1(x)), x.mean()
+
+
+@pytest.mark.parametrize("net,shape,tile", [(TwoOutputs, (1, 1, 14, 50), 10),
+                                            (ImagePlusStack, (1, 1, 40, 41), 20)])
+def test_A_tiles_fit_every_branch_of_several_outputs(net, shape, tile):
+    result = exact(net(), shape, tile)
+    assert result.num_tiles > 1
+
+
+def test_B_budget_with_a_tile_per_axis():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    sm = fxstream.compile(net, tile_size=(32, 48), input_shape=(1, 3, 64, 64),
+                          memory_budget="64GiB")
+    assert sm.plan((1, 3, 64, 64)).passes[0].tile_size == (32, 48)
+    exact(net, (1, 3, 64, 64), (32, 48), memory_budget="64GiB")
+
+
+class Glu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        a, b = self.c(x).chunk(2, dim=1)
+        return a * torch.sigmoid(b)
+
+
+def test_C_a_chunk_is_no_cut_point():
+    from fxstream.segments import cut_candidates
+
+    a = fxstream.analyze(Glu(), (1, 1, 64))
+    assert "chunk" not in cut_candidates(a)
+    exact(Glu(), (1, 1, 64), 16, memory_budget="64GiB")
+    with pytest.raises(fxstream.SplitError, match="cannot cut the stem at 'chunk'"):
+        fxstream.compile(Glu(), tile_size=16, input_shape=(1, 1, 64), cuts=["chunk"])
+
+
+class PadToEven(nn.Module):
+    """Local in the whole-model analysis (an upsampled size is even, so the pad is 0); a segment
+    re-analysed on a map of free size would see a pad that depends on its parity."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        u = F.interpolate(self.c(x), scale_factor=2, mode="nearest")
+        return F.pad(u, [0, (2 - u.shape[3] % 2) % 2, 0, (2 - u.shape[2] % 2) % 2])
+
+
+def test_D_segments_keep_what_the_whole_model_analysis_knew():
+    result = exact(PadToEven(), (1, 1, 14, 13), 15, cuts=["interpolate"])
+    assert result.num_tiles >= 1
+    exact(PadToEven(), (1, 1, 28, 26), 8, cuts=["interpolate"])
+
+
+@pytest.mark.parametrize("n", [7, 8, 9])
+def test_E_avgpool3d_tiles_are_never_smaller_than_its_kernel(n):
+    net = nn.Sequential(nn.Conv3d(1, 2, 1), nn.AvgPool3d(3, stride=1, padding=1))
+    shape = (1, 1, n, n, n)
+    with pytest.raises(fxstream.PlanError, match=r"the smallest legal tile for this model is "
+                                                 r"(\d+)"):
+        fxstream.compile(net, tile_size=2, input_shape=shape)
+    for tile in (3, 4, 5):
+        exact(net, shape, tile)
+
+
+def test_F_a_conv_padded_beyond_its_reach_gets_no_empty_tile():
+    net = nn.Conv2d(1, 2, 3, stride=3, dilation=2, padding=5)  # reach 4 < padding 5
+    shape = (1, 1, 30, 13)
+    sm = fxstream.compile(net, tile_size=(9, 63), input_shape=shape)
+    assert all(length > 0 for t in sm.plan(shape).passes[0].tiles for length in t.lengths)
+    exact(net, shape, (9, 63))
+
+
+def test_I_a_tile_below_the_smallest_legal_one_is_named_with_a_budget_too():
+    net = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))
+    for kwargs in (dict(memory_budget=None), dict(memory_budget="64GiB")):
+        with pytest.raises(fxstream.PlanError, match=r"tile_size 4 is too small on axis 0: the "
+                                                     r"smallest legal tile for this model is 9"):
+            fxstream.compile(net, tile_size=4, input_shape=(1, 3, 64, 64), **kwargs)

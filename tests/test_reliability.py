@@ -1,0 +1,314 @@
+"""Everyday situations that must never be silently wrong: modes, double backward, plans per
+input shape, hooks, images handed to the head, other inputs, pickling, meta models."""
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxstream
+from fxstream.budget import current_rss
+from fxstream.check import check
+from fxstream.planner import smallest_tile_size
+
+TOL = 1e-10
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+class ModeNet(nn.Module):
+    """Reads ``self.training`` in its own forward, in the stem and in the head (torch.fx
+    specialises both when it traces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.c1(x)
+        if self.training:  # a user branch in the stem
+            x = x * 2 + 1
+        x = self.c2(torch.relu(x))
+        x = x.mean((2, 3))
+        return self.fc(F.dropout(x, 0.5, self.training))  # functional dropout in the head
+
+
+def test_streaming_follows_the_mode_the_model_is_in_now():
+    torch.manual_seed(0)
+    net = ModeNet().double().eval()
+    x = torch.randn(1, 3, 40, 36, dtype=torch.float64)
+    sm = fxstream.compile(net, tile_size=16, input_shape=x.shape)
+    assert rel(sm(x), net(x)) < TOL
+    sm.train()
+    assert net.training and net.c1.training
+    torch.manual_seed(1)
+    want = net(x)
+    torch.manual_seed(1)
+    got = sm(x)
+    assert rel(got, want) < TOL
+    sm.eval()
+    assert rel(sm(x), net(x)) < TOL and rel(sm(x), sm(x)) == 0  # no dropout left on
+
+
+def test_mode_set_on_the_model_itself_is_seen_too():
+    torch.manual_seed(0)
+    net = ModeNet().double().train()
+    x = torch.randn(1, 3, 40, 36, dtype=torch.float64)
+    sm = fxstream.compile(net, tile_size=16, input_shape=x.shape)
+    net.eval()  # the user's model, not the streamed module
+    assert rel(sm(x), net(x)) < TOL
+
+
+def test_droppath_compiled_in_train_mode_is_off_after_eval():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", drop_path_rate=0.5, drop_rate=0.5,
+                            num_classes=3).double()
+    net = fxstream.freeze_batchnorm(net)
+    shape = (1, 3, 320, 256)
+    sm = fxstream.compile(net.train(), tile_size=64, input_shape=shape)  # the stem ends at the
+    net.eval()  # first DropPath in training (new_empty has no rule); in eval it is the identity
+    with pytest.raises(fxstream.PlanError, match="tile_size 64 is too small"):
+        sm.plan(shape, torch.float64)  # the stem in eval mode is longer: a tile of 64 is
+    tile = max(smallest_tile_size(fxstream.analyze(net, shape)))  # illegal now
+    sm = fxstream.compile(net.train(), tile_size=tile, input_shape=shape)
+    net.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    assert rel(sm(x), net(x)) < TOL
+
+
+@pytest.mark.parametrize("cuts", [None, ["1"]])
+def test_double_backward_is_exact(cuts):
+    """A gradient penalty differentiates the input gradient: every term must be there."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.Softplus(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 1)).double()
+    x0 = torch.randn(1, 3, 36, 30, dtype=torch.float64)
+    sm = fxstream.compile(net, tile_size=16, input_shape=x0.shape, cuts=cuts)
+
+    def penalty(model):
+        for p in net.parameters():
+            p.grad = None
+        x = x0.clone().requires_grad_(True)
+        out = model(x).sum()
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        ((g ** 2).sum() + out).backward()
+        return [p.grad.clone() for p in net.parameters()] + [x.grad.clone()]
+
+    want, got = penalty(net), penalty(sm)
+    assert sm.plan(x0.shape, x0.dtype).passes[0].num_tiles > 1
+    scale = max(w.abs().max() for w in want)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max() / scale < TOL
+
+
+def test_a_budget_is_planned_for_each_input_shape():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    budget = current_rss() + 768 * 2**20
+    sm = fxstream.compile(model, memory_budget=budget)
+    small, large = sm.plan((1, 3, 512, 512)), sm.plan((1, 3, 3072, 3072))
+    assert small.budget == large.budget == budget
+    assert large.estimate.peak <= large.budget and small.estimate.peak <= small.budget
+    assert large.input_shape == (1, 3, 3072, 3072) and large != small
+    assert sum(p.num_tiles for p in large.passes) > sum(p.num_tiles for p in small.passes)
+    with pytest.raises(fxstream.PlanError, match=r"no plan fits a memory budget of .* GiB "
+                                                 r"for input \(1, 3, 32768, 32768\)"):
+        sm.plan((1, 3, 32768, 32768))
+
+
+def test_the_default_plan_has_a_budget_and_runs_small_images_whole():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1)).double()
+    sm = fxstream.compile(net)
+    x = torch.randn(1, 3, 64, 48, dtype=torch.float64)
+    plan = sm.plan(x.shape, x.dtype)
+    assert plan.budget is not None and plan.estimate.peak <= plan.budget
+    assert plan.num_tiles == 1  # at least 512 MiB of room: a small image runs in one tile
+    assert rel(sm(x), net(x)) < TOL
+
+
+def test_hooks_on_stem_modules_warn_once():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    sm = fxstream.compile(net, tile_size=16)
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(1, 3, 40, 40)
+    with pytest.warns(fxstream.FxStreamWarning, match=r"hooks on stem modules \(0\) run once "
+                                                      r"per tile"):
+        sm(x)
+    assert len(seen) > 1  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sm(x)
+
+
+class ShapeHead(nn.Module):
+    """The head reads the image itself (as torchvision's segmentation models read x.shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.c(x)
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def test_an_image_the_head_reads_is_handed_over_not_copied():
+    torch.manual_seed(0)
+    net = ShapeHead().double()
+    x = torch.randn(1, 3, 40, 36, dtype=torch.float64)
+    sm = fxstream.compile(net, tile_size=16, input_shape=x.shape)
+    plan = sm.plan(x.shape, x.dtype)
+    assert "x" in plan.boundary
+    assert [o.name for p in plan.passes for o in p.outputs] == ["c"]
+    assert any("reads the image itself" in n for n in plan.notes)
+    assert rel(sm(x), net(x)) < TOL
+
+
+def test_a_stem_with_little_of_the_work_is_reported():
+    class Early(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.big = nn.Conv2d(4, 64, 3, padding=1)
+
+        def forward(self, x):
+            y = self.c(x)
+            return self.big(y * y.mean((2, 3), keepdim=True))
+
+    sm = fxstream.compile(Early(), tile_size=16)
+    with pytest.warns(fxstream.FxStreamWarning, match=r"the stem holds \d+% of the model's "
+                                                      r"forward work.*head starts at 'mean'"):
+        sm(torch.randn(1, 3, 40, 40))
+
+
+def test_a_wasteful_plan_says_which_tile_helps():
+    net = nn.Sequential(*[nn.Conv2d(3, 3, 5, padding=2) for _ in range(6)],
+                        nn.AdaptiveAvgPool2d(1))
+    sm = fxstream.compile(net, tile_size=40, memory_budget=None)
+    with pytest.warns(fxstream.FxStreamWarning, match=r"pass 0 computes \d+\.\dx the pixels of "
+                                                      r"its map.*tile_size=\d+ brings it to"):
+        sm(torch.randn(1, 3, 200, 200))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 + 5, 2)
+
+    def forward(self, img, clinical, weight=None):
+        y = self.c(img).mean((2, 3))
+        return self.fc(torch.cat([y, clinical], 1)) * weight
+
+
+def test_other_inputs_go_to_the_head():
+    """Compile sees only the image (the head fails on the meta device without the other
+    inputs: no matter); each call's other inputs go to the head as they are."""
+    torch.manual_seed(0)
+    net = TwoInputs().double()
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
+    clinical = torch.randn(2, 5, dtype=torch.float64)
+    weight = torch.rand(2, 1, dtype=torch.float64)
+    sm = fxstream.compile(net, tile_size=16)
+    assert rel(sm(x, clinical, weight), net(x, clinical, weight)) < TOL
+    assert rel(sm(x, clinical=clinical, weight=weight), net(x, clinical, weight)) < TOL
+    assert sm.plan(x.shape, x.dtype).num_tiles > 1
+    with pytest.raises(fxstream.UnsupportedError, match="arguments its forward does not take"):
+        sm(x, clinical, weight, 3)
+
+
+def test_pickle_and_torch_save_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    sm = fxstream.compile(net, tile_size=16)
+    x = torch.randn(1, 3, 40, 40)
+    y = sm(x)
+    again = pickle.loads(pickle.dumps(sm))
+    assert torch.equal(again(x), y)
+    buf = io.BytesIO()
+    torch.save(sm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert isinstance(loaded, fxstream.StreamingModule) and torch.equal(loaded(x), y)
+    assert set(loaded.state_dict()) == set(net.state_dict())
+
+
+def test_meta_models_run_on_meta_images():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2)).to("meta")
+    sm = fxstream.compile(net, tile_size=16)
+    out = sm(torch.empty(2, 3, 40, 40, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 2)
+
+
+def test_check_is_reachable_from_the_package():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1))
+    assert fxstream.check.check(net, (1, 3, 40, 40), 16).passed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_check_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    from fxstream.cli import main
+
+    code = main(["check", "torchvision.models:resnet18", "--input", "1x3x64x64", "--tile", "32",
+                 "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "CUDA is not available on this machine" in err
+
+
+def test_segmentation_spec_downloads_no_weights(monkeypatch):
+    from fxstream.spec import load_model
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model = load_model("torchvision.models.segmentation:fcn_resnet50")
+    assert type(model).__name__ == "FCN"
+
+
+def test_train_batchnorm_with_momentum_none_is_analysed():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1)).train()
+    a = fxstream.analyze(net, (2, 3, 32, 32))
+    assert a.boundary == ("_0",)
+    assert int(net[1].num_batches_tracked) == 0  # the analysis left the model alone
+
+
+class ItemHead(nn.Module):
+    """A head that reads a number off a tensor (``.item()``): fine on real data, impossible on
+    the meta device; it lies past the global pool, so the analysis goes on without it."""
+
+    def forward(self, x):
+        return x * (1.0 if x.sum().item() > 0 else -1.0)
+
+
+def test_a_head_that_cannot_run_on_meta_does_not_stop_the_analysis():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        ItemHead()).double()
+    a = fxstream.analyze(net, (1, 3, 40, 40), leaf_modules=(ItemHead,))
+    assert a.boundary == ("_0",)
+    sm = fxstream.compile(net, tile_size=16, leaf_modules=(ItemHead,))
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    assert rel(sm(x), net(x)) < TOL
+
+
+def test_check_uses_the_streamed_plan_it_reports():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1))
+    result = check(net, (1, 3, 40, 40), 16)
+    assert result.passed and result.num_tiles > 1
