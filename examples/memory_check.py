@@ -1,7 +1,8 @@
 """The memory model checked against measurement: estimated vs measured peak of a training step.
 
-    python examples/memory_check.py                       # the table in the README (an hour)
+    python examples/memory_check.py                       # every size x budget (hours)
     python examples/memory_check.py --models resnet18 --sizes 2048 --budgets 0.35
+    python examples/memory_check.py --pairs 1024:0.5,1536:0.35,2048:0.25   # the README's table
 
 Each run is one training step (forward, sum of the outputs, backward) of a torchvision model
 with frozen BatchNorm, float32 on the CPU, compiled with a memory budget; every run is a fresh
@@ -41,11 +42,11 @@ def build(name):
     import torchvision
 
     torch.manual_seed(0)
-    if name == "unet":
-        sys.path.insert(0, __file__.rsplit("/examples/", 1)[0])
-        from tests.models.unet import UNet
+    if name == "unet":  # MONAI's U-Net: InstanceNorm in every block (streamed statistics)
+        from monai.networks.nets import UNet
 
-        return UNet(3, 2)
+        return UNet(spatial_dims=2, in_channels=3, out_channels=2,
+                    channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2), num_res_units=2)
     return getattr(torchvision.models, name)()
 
 
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1024,2048,3072")
     ap.add_argument("--budgets", default="0.25,0.5",
                     help="shares of the full image's estimated step above the baseline")
+    ap.add_argument("--pairs", help="size:share pairs instead of --sizes x --budgets, e.g. "
+                    "1024:0.5,1536:0.35,2048:0.25")
     ap.add_argument("--factor", type=float, help="CPU allocator factor to plan with")
     ap.add_argument("--json", help="write every run's record here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -122,13 +125,18 @@ def main(argv=None) -> int:
     from fxstream.budget import current_rss
     from fxstream.memory import full_step_live
 
+    if args.pairs:
+        runs = [(int(a), (float(b),)) for a, b in (p.split(":") for p in args.pairs.split(","))]
+    else:
+        shares = tuple(map(float, args.budgets.split(",")))
+        runs = [(size, shares) for size in map(int, args.sizes.split(","))]
     records = []
     for name in args.models.split(","):
-        for size in map(int, args.sizes.split(",")):
+        for size, shares in runs:
             shape = (1, 3, size, size)
             full = full_step_live(fxstream.analyze(fxstream.freeze_batchnorm(build(name)),
                                                    shape))
-            for share in map(float, args.budgets.split(",")):
+            for share in shares:
                 base = current_rss()  # about what a fresh process holds with the model
                 budget = int(base + share * full)
                 rec = run(dict(model=name, shape=shape, budget=budget, factor=args.factor))

@@ -15,22 +15,17 @@ larger than estimated (``corrections``).
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import networkx as nx
-
-import passes
-
+from .costs import Stem, segment_cost, segment_layout
 from .errors import PlanError
 from .hostmem import pool_enabled
-from .memory import ALLOCATOR_FACTOR, PassMemory, node_costs, segment_memory
-from .segments import (cut_candidates, image_node, reductions_of, resolve_cuts, step_layout,
-                       stem_boundary)
-from .tiling import AxisGeometry, estimate_axis, plan_one_axis, tile_sizes
+from .memory import ALLOCATOR_FACTOR, node_costs
+from .segments import cut_candidates, image_node, resolve_cuts
+from .tiling import tile_sizes
 
 TILE_OPTIONS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 MAX_CANDIDATES = 40  # the search is quadratic in them
@@ -42,6 +37,11 @@ WHOLE_LAST_WORK = 0.75  # a kept graph runs F + B instead of F + F + B, with B =
 # and its gradient zeroed and accumulated (memory-bound passes, each ~ a few MACs per element
 # at the speed of a convolution): it keeps the search from cuts that save less than they cost
 CUT_WORK = 32
+# a tile loop without the host memory pool (fxstream.hostmem) re-faults every page of every
+# tile: ResNet-18 4096² measured 45.7 s without it and 36.5-37.7 s with it (1.2-1.25x); the
+# pooled loop's heap holds ALLOCATOR_FACTOR["cpu"] times its live bytes, so where memory is
+# tight the search runs a segment's tiles unpooled instead
+UNPOOLED_COST = 1.2
 # the default budget: this share of the full image's estimated peak, and never less than
 # AUTO_MIN_STEP above what the process holds (a small image gains nothing from tiny tiles)
 AUTO_SHARE = 0.25
@@ -252,7 +252,7 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
     input_shape = analysis.input_shape
     costs = node_costs(analysis)
     gm = analysis.graph_module
-    st = _Stem(analysis, costs, memory.image_grad)
+    st = Stem(analysis, costs, memory.image_grad)
 
     if cuts is not None:
         chain, consecutive = list(resolve_cuts(analysis, cuts)), True
@@ -276,10 +276,10 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
         """(tile, cost) of the segment src -> dst for every tile size (None: no plan)."""
         if (src, dst) not in cache:
             found, whole = [], None
-            layout = _segment_layout(st, src, dst)
+            layout = segment_layout(st, src, dst)
             for tile in sorted(tiles, key=max):
                 # a tile that already covers the input in one: larger ones plan the same
-                cost = whole or _segment_cost(st, layout, tile)
+                cost = whole or segment_cost(st, layout, tile)
                 if cost is not None and cost.tiles == 1:
                     whole = cost
                 found.append((tile, cost))
@@ -305,7 +305,7 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
                 f"keep {1 - BUDGET_MARGIN:.0%} in reserve)") if smallest_peak else ""
         if least is None and tile_size is not None:  # the tile, not the budget, is the problem
             for src, dst in zip(points, points[1:] + [None]) if consecutive else [(image, None)]:
-                _segment_cost(st, _segment_layout(st, src, dst), tiles[0], raise_errors=True)
+                segment_cost(st, segment_layout(st, src, dst), tiles[0], raise_errors=True)
         raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
                         f"input {tuple(input_shape)} (process baseline "
                         f"{memory.baseline / 2**30:.2f} GiB included){need}")
@@ -323,9 +323,9 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
 
 def _options(cost, tile: tuple, last: bool, keep_graphs: bool, pooled: bool, factor: float,
              correction: float = 1.0) -> list[_Option]:
-    """The segment in tiles of ``tile`` (pooled when it has several and the pool is possible:
-    the allocator factor then applies), or in one tile keeping its graph (always for the last
-    segment: nothing runs after it but the head)."""
+    """The segment in tiles of ``tile``: pooled where the pool is possible (faster; the
+    allocator factor applies to its live bytes) or not (UNPOOLED_COST), or in one tile keeping
+    its graph (always for the last segment: nothing runs after it but the head)."""
     if cost is None:
         return []
     edge = -max(tile)
@@ -340,108 +340,13 @@ def _options(cost, tile: tuple, last: bool, keep_graphs: bool, pooled: bool, fac
             return [kept]
         plain = _Option(cost.work, edge, base, cost.redundancy, tile, False, cost.work)
         return [plain, kept] if keep_graphs else [plain]
-    f = factor if pooled else 1.0
-    mem = cost.maps + correction * f * max(cost.memory.forward, cost.memory.backward)
-    return [_Option(cost.work, edge, mem, cost.redundancy, tile, pooled, cost.work)]
-
-
-class _Cost(NamedTuple):
-    work: float
-    redundancy: float
-    tiles: int
-    maps: float  # gradients of the segment's input and output maps (full size)
-    memory: object  # fxstream.memory.PassMemory of one tile
-
-
-class _Stem:
-    """What the search reads of the stem: node costs, data graph, reductions."""
-
-    def __init__(self, analysis, costs, image_grad):
-        gm = analysis.graph_module
-        self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.boundary = stem_boundary(analysis)
-        self.stem = list(self.boundary.stem)
-        self.tile_nodes = [n for n in self.stem if not isinstance(
-            self.nodes[n].meta.get(passes.GEOMETRY), passes.Reduced)]
-        self.reductions = reductions_of(analysis)
-        self.image = image_node(gm).name
-        self.costs = costs
-        self.image_grad = image_grad
-        self.dg = passes.data_graph(gm.graph)
-        self._before = {}
-
-    def ancestors(self, c) -> set:
-        if c not in self._before:
-            self._before[c] = (nx.ancestors(self.dg, c) | {c}) & set(self.stem)
-        return self._before[c]
-
-
-class _Layout(NamedTuple):
-    src: str
-    outs: tuple  # the maps it writes
-    steps: tuple  # per step: (its outputs: maps and summed tensors, its per-tile nodes)
-    last: bool
-    geos: tuple  # per axis: the distinct geometries of every step's outputs, relative to src
-    align: tuple  # per axis: the alignment of its nodes' grids
-
-
-def _segment_layout(st: _Stem, src, dst) -> _Layout:
-    """The steps of the segment src -> dst (one per level of statistics it computes and reads),
-    as :func:`fxstream.segments.split_segments` would make them."""
-    image = st.image
-    done = st.ancestors(src) if src != image else {image}
-    names = st.ancestors(dst) - done if dst is not None else set(st.stem) - done
-    tile_names = [n for n in st.tile_nodes if n in names and n != src]
-    outs = (dst,) if dst is not None else tuple(b for b in st.boundary.tensors if b != image)
-    inside = set(tile_names) | set(outs) | ({src} if src == image else set())
-    sums = tuple(r for r, x in st.reductions.items() if x in inside)
-    steps = tuple((tuple(maps) + tuple(st.reductions[r] for r in step_sums),
-                   tuple(n for n in step_nodes if n in st.costs))
-                  for maps, step_sums, step_nodes in step_layout(st.nodes, src, tile_names,
-                                                                 outs, sums))
-    costs, s = st.costs, st.costs[src]
-    every = {o for step_outs, _ in steps for o in step_outs}
-    geos, align = [], []
-    for k in range(len(s.sizes)):
-        geos.append(tuple(sorted({AxisGeometry(costs[o].stride[k] / s.stride[k],
-                                               (costs[o].lo[k] - s.lo[k]) / s.stride[k],
-                                               (costs[o].hi[k] - s.hi[k]) / s.stride[k],
-                                               costs[o].sizes[k]) for o in every},
-                                 key=lambda g: (g.stride, g.lo, g.hi, g.size))))
-        a = 1  # the segment's own grids (fxstream.segments adds the image's lattice where a
-        for _, nodes in steps:  # shape-derived value is computed: rare, ignored here)
-            for n in nodes:
-                a = math.lcm(a, (costs[n].stride[k] / s.stride[k]).numerator)
-        align.append(a)
-    return _Layout(src, outs, steps, dst is None, tuple(geos), tuple(align))
-
-
-def _segment_cost(st: _Stem, layout: _Layout, tile, raise_errors=False):
-    """What streaming a segment in tiles of ``tile`` costs, or None if no plan. Every step is
-    tiled like the one that reaches furthest (a bound on its redundancy)."""
-    costs, src = st.costs, layout.src
-    s = costs[src]
-    red, frac, n_tiles = 1.0, 1.0, 1
-    for k, size in enumerate(s.sizes):
-        if raise_errors:  # the exact plan, for its error message
-            plan_one_axis(k, size, layout.align[k], layout.geos[k], tile[k])
-        axis = estimate_axis(size, layout.align[k], layout.geos[k], tile[k])
-        if axis is None:
-            return None
-        red *= axis[0]
-        frac *= axis[1] / size
-        n_tiles *= axis[2]
-    source_grad = src != st.image or st.image_grad
-    mem = None
-    for _, nodes in layout.steps:
-        m = segment_memory(costs, nodes, src, frac, view=s.read_only, source_grad=source_grad,
-                           last=layout.last)
-        mem = m if mem is None else PassMemory(max(mem.forward, m.forward),
-                                               max(mem.backward, m.backward), mem.kept + m.kept)
-    work = red * sum(costs[n].work for _, nodes in layout.steps for n in nodes)
-    maps_bytes = (s.map_bytes if source_grad else 0) + sum(
-        costs[o].map_bytes for o in layout.outs if not layout.last)
-    return _Cost(work, red, n_tiles, maps_bytes, mem)
+    live = correction * max(cost.memory.forward, cost.memory.backward)
+    plain = _Option(cost.work * UNPOOLED_COST, edge, cost.maps + live, cost.redundancy, tile,
+                    False, cost.work)
+    if not pooled:
+        return [plain]
+    return [_Option(cost.work, edge, cost.maps + factor * live, cost.redundancy, tile, True,
+                    cost.work), plain]
 
 
 __all__ = ["BUDGET_MARGIN", "Memory", "PlanChoice", "auto_budget", "available_memory",

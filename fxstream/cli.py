@@ -70,8 +70,9 @@ def add_analyze(subparsers) -> None:
         "analyze", help="show where a model can be streamed and what a tile plan costs",
         description="Trace a model with torch.fx and report each node's stride and receptive "
                     "field, the stem/head boundary, the global nodes and, with --tile, the tile "
-                    "plan. The model is put in eval mode first (BatchNorm in train mode is not "
-                    "local); pass --train to keep it in train mode.")
+                    "plan. The model is put in eval mode first; pass --train to keep it in train "
+                    "mode (train-mode BatchNorm then streams its batch statistics as "
+                    "reductions).")
     add_model_arguments(p, "1x3x8192x8192")
     p.add_argument("--tile", metavar="SIZE",
                    help="largest input tile: one size (2048) or one per spatial axis (2048x1024)")
@@ -156,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, repeat=args.repeat, warmup=args.warmup,
         split=args.split, leaf_modules=tuple(args.leaf), timeout=args.timeout, force=args.force,
         channels_last=args.channels_last, autocast=args.autocast, offload=args.offload,
-        cudnn_benchmark=args.cudnn_benchmark)
+        cudnn_benchmark=args.cudnn_benchmark, train_batchnorm=args.train_batchnorm)
     check_config(cfg)
     if args.plot:
         check_plot_available()
@@ -181,8 +182,9 @@ def add_bench(subparsers) -> None:
                     "--repeat rounds; report the median time, the peak memory (peak RSS on CPU, "
                     "torch.cuda.max_memory_allocated on CUDA) and its baseline after building "
                     "model and image, the ratios to the full image, and the compute estimate the "
-                    "plan's redundancy implies. BatchNorm is frozen (eval statistics). A "
-                    "full-image step estimated not to fit in available memory is not run.")
+                    "plan's redundancy implies. BatchNorm is frozen (eval statistics) unless "
+                    "--train-batchnorm. A full-image step estimated not to fit in available "
+                    "memory is not run.")
     add_model_arguments(p, "1x3x4096x4096", several_inputs=True, train=False)
     p.add_argument("--tile", metavar="SIZE",
                    help="largest input tile of the streamed variant: 2048 or 2048x1024")
@@ -212,6 +214,9 @@ def add_bench(subparsers) -> None:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="with --device cuda: torch.backends.cudnn.benchmark on in every variant "
                         "(autotuned convolutions; their workspace counts in the peak)")
+    p.add_argument("--train-batchnorm", action="store_true",
+                   help="BatchNorm in train mode (batch statistics, running statistics updated; "
+                        "streamed as reductions) instead of frozen (every variant)")
     p.add_argument("--plot", metavar="PNG",
                    help="draw peak memory and time against image size (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

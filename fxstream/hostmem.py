@@ -12,9 +12,9 @@ accumulators) are allocated under :func:`long_lived`, with the default threshold
 mapped and do not pin the heap (unless a free heap chunk already fits them). When the loop
 ends the heap is trimmed, which returns the pool's pages to the OS.
 
-The price is fragmentation: the heap holds more than the live tensors at a tile's peak (1.8x to
-2.3x the tile part of the transient estimate in our ResNet measurements;
-:data:`fxstream.budget.POOL_FACTOR` plans with it).
+The price is fragmentation: the heap holds more than the live tensors at a tile's peak
+(:data:`fxstream.memory.ALLOCATOR_FACTOR` plans with it, and the memory-budget search runs a
+segment's tiles unpooled where memory is too tight for the pool).
 Tile lists are sorted largest first (see :func:`fxstream.runtime.lower_plan`) so the heap grows
 once.
 
@@ -22,8 +22,9 @@ Only glibc on Linux is affected; elsewhere (and for CUDA tiles) these are no-ops
 ``FXSTREAM_HOST_POOL=0`` to turn the pool off (each tile then ends with ``malloc_trim``, the
 behaviour before the pool; useful to measure what the pool buys).
 
-The switch is process-wide while a loop runs. After the first loop glibc's automatic mmap
-threshold stays at its 128 KiB default (mallopt turns the automatic adjustment off).
+The switch is process-wide while a loop runs. From the first tile loop on, glibc's mmap
+threshold stays at its 128 KiB default outside the pool (:func:`fix_thresholds`: mallopt turns
+glibc's automatic adjustment off).
 """
 from __future__ import annotations
 
@@ -59,6 +60,26 @@ def pool_enabled() -> bool:
     return _LIBC is not None and os.environ.get("FXSTREAM_HOST_POOL", "1") != "0"
 
 
+_fixed = False
+
+
+def fix_thresholds() -> None:
+    """Turn off glibc's dynamic mmap threshold, once, before the first tile loop: keep the
+    default 128 KiB thresholds. Left dynamic, glibc raises the threshold to the size of each
+    mapped chunk it frees (up to 32 MiB), after which tensors of that size come from the heap
+    and stay there: measured on ResNet-18 at 2048² without the pool, the backward of a step
+    held 0.10-0.17 GiB more than its live tensors. With fixed thresholds every large tensor is
+    mapped and unmapped, so outside the pool the process holds what is live."""
+    global _fixed
+    if _fixed or _LIBC is None:
+        return
+    with _lock:
+        if _depth == 0:
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+            _LIBC.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _fixed = True
+
+
 def release(device) -> None:
     """After a tile outside the pool (turned off, or not chosen for this loop): return freed heap
     pages to the OS, so fragmentation across tiles of different shapes does not accumulate."""
@@ -78,6 +99,8 @@ def tile_pool(device, tiles: int = 2):
     """Run a loop over ``tiles`` tiles with malloc keeping freed memory for reuse (see module
     doc). One tile has nothing to reuse: no pool then."""
     global _depth
+    if device.type == "cpu":
+        fix_thresholds()
     if device.type != "cpu" or tiles < 2 or not pool_enabled():
         yield
         return
@@ -116,4 +139,4 @@ def long_lived():
                     _LIBC.mallopt(_M_MMAP_THRESHOLD, _POOL_MMAP_THRESHOLD)
 
 
-__all__ = ["long_lived", "pool_enabled", "release", "tile_pool", "trim"]
+__all__ = ["fix_thresholds", "long_lived", "pool_enabled", "release", "tile_pool", "trim"]

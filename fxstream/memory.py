@@ -20,7 +20,7 @@ its input and output in the forward, and of its input and output gradient in the
 548 MiB over its gradients in the backward; ``WORKSPACE``). What the real process holds beyond
 that is the allocator's doing (the host memory pool of :mod:`fxstream.hostmem` keeps freed
 pages for the next tile): ``ALLOCATOR_FACTOR``, one number per backend, calibrated by
-``examples/memory_check.py`` against measured peaks, scales the tile loops' live bytes.
+``examples/memory_check.py`` against measured peaks, scales the pooled tile loops' live bytes.
 """
 from __future__ import annotations
 
@@ -39,10 +39,16 @@ from passes import GEOMETRY, ROLE, Local
 from .plans import Pass
 from .runtime import PassEngine, StreamFunction
 
-# what the host's heap holds per live byte of a tile loop: CPU with the memory pool (glibc keeps
-# freed chunks for the next tile; see examples/memory_check.py for the measurements), and CUDA's
-# caching allocator (not yet measured with this model: kept at 1.2)
-ALLOCATOR_FACTOR = {"cpu": 1.0, "cuda": 1.2, "meta": 1.0}
+# what the allocator holds per live byte of a pooled tile loop. CPU: glibc's heap with the host
+# memory pool (fxstream.hostmem) keeps freed chunks, and one tile's recompute and backward do
+# not fit all their allocations into the holes the previous ones left: ResNet-18 at 2048²,
+# the pooled backward of a pass measured 1.1x its tracked live bytes with 4 tiles, 1.5x with 9
+# and 2.2-2.6x with 36 (examples/memory_check.py). Outside the pool every large tensor is
+# mapped and unmapped (hostmem.fix_thresholds) and the process holds its live bytes: factor 1,
+# measured within 0.04 GiB per phase. The budget search weighs a pooled loop at this factor
+# against an unpooled one at budget.UNPOOLED_COST. CUDA has no pooled loops (its caching
+# allocator reuses blocks by itself): there the live bytes are the estimate.
+ALLOCATOR_FACTOR = {"cpu": 2.2}
 # gradient bytes alive at once in a segment's backward beyond what it saved, in units of its
 # largest map (the saved tensors of the nodes already back-propagated are freed as gradients
 # appear: resnet18's segments measured 0.75-1x on the meta device)

@@ -22,16 +22,14 @@ from . import memory as memory_model
 from .analysis import Analysis
 from .errors import PlanError
 from .hostmem import pool_enabled
+from .notes import notes
 from .plans import Estimate, MapOutput, Pass, Plan, SumOutput, Tile
 from .segments import Segment, image_node, resolve_cuts, split_segments
 from .tiling import TilePlan, plan_tiles, smallest_tile, tile_sizes
 
 log = logging.getLogger(__name__)
 
-# a plan whose passes compute more than this many times their map's pixels is flagged
-WASTEFUL_REDUNDANCY = 3.0
-GOOD_REDUNDANCY = 1.5
-AUTO = "auto"
+AUTO = "auto"  # memory_budget="auto": the default budget of fxstream.budget.auto_budget
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def _finish(analysis, options, situation, passes_, cuts, budget, estimate) -> Pl
     plan = Plan(input_shape=tuple(analysis.input_shape), dtype=analysis.dtype,
                 device=situation.device, passes=tuple(passes_), cuts=tuple(cuts),
                 boundary=tuple(analysis.boundary), budget=budget, estimate=estimate)
-    return replace(plan, notes=notes(analysis, plan, options))
+    return replace(plan, notes=notes(analysis, plan))
 
 
 def budget_memory(analysis, options: PlanOptions, situation: Situation):
@@ -385,43 +383,6 @@ def lower(plan: TilePlan, rank: int, src_dims, outputs) -> tuple[Tile, ...]:
         tiles.append(Tile(tuple(region), tuple(s.start for s in spans), lengths, tuple(where)))
     tiles.sort(key=lambda t: (-math.prod(t.lengths), t.lengths))
     return tuple(tiles)
-
-
-def notes(analysis: Analysis, plan: Plan, options: PlanOptions) -> tuple[str, ...]:
-    """What a user should be told once about this plan: work the stem leaves to the head, an
-    image handed to the head as it is, tiles that recompute most of themselves."""
-    out = []
-    share = analysis.stem_share
-    if share is not None and share < 0.5:
-        heads = [r for r in analysis.global_rows][:1]
-        where = (f" (the head starts at '{heads[0].name}': {heads[0].reason})" if heads else "")
-        out.append(f"the stem holds {share:.0%} of the model's forward work; the rest runs on "
-                   f"the whole image in the head{where}")
-    if analysis.image_in_boundary:
-        out.append("the head reads the image itself (it is handed over as it is, not copied)")
-    for p in plan.passes:
-        if p.redundancy > WASTEFUL_REDUNDANCY and p.num_tiles > 1:
-            better = _better_tile(analysis, p, plan)
-            out.append(f"pass {p.index} computes {p.redundancy:.1f}x the pixels of its map "
-                       f"(tiles overlap by their receptive field){better}")
-    return tuple(out)
-
-
-def _better_tile(analysis, p: Pass, plan: Plan) -> str:
-    """A hint that brings a wasteful pass under GOOD_REDUNDANCY: a larger tile or a budget."""
-    segs = split_segments(analysis, plan.cuts)
-    seg = next(s for s in segs if s.source == p.source)
-    for tile in budget_search.TILE_OPTIONS:
-        if tile <= max(p.tile_size[k] or 0 for k in range(len(p.tile_size))):
-            continue
-        try:
-            red = plan_tiles(seg.sizes, seg.align, seg.geometry, tile).redundancy
-        except PlanError:
-            continue
-        if red <= GOOD_REDUNDANCY:
-            return (f"; tile_size={tile} brings it to {red:.2f}x, or pass memory_budget= and "
-                    "let the planner choose")
-    return "; memory_budget= lets the planner cut the stem so tiles overlap little"
 
 
 __all__ = ["AUTO", "PlanOptions", "Situation", "check_stem_sizes", "lower", "make_plan",

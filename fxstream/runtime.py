@@ -69,6 +69,8 @@ class PassEngine(nn.Module):
         return self.device
 
     def forward(self, source, *side):
+        if self.device.type == "cpu":
+            hostmem.fix_thresholds()  # what the memory model assumes of malloc
         params = tuple(p for p in self.graph.parameters() if p.requires_grad)
         needs_grad = source.requires_grad or params or any(
             isinstance(s, torch.Tensor) and s.requires_grad for s in side)
@@ -81,7 +83,8 @@ class PassEngine(nn.Module):
 
     def run_forward(self, source, side, rng_states=None):
         """Stream the pass over all tiles without grad; returns its maps."""
-        with hostmem.tile_pool(self.device, self.spec.num_tiles), \
+        tiles = self.spec.num_tiles if self.spec.pool else 1
+        with hostmem.tile_pool(self.device, tiles), \
                 feeder.device_settings(self.device, self.cudnn_benchmark):
             return self._forward_tiles(source, side, rng_states)
 
@@ -93,7 +96,11 @@ class PassEngine(nn.Module):
         partials = [[None] * spec.num_tiles for _ in spec.sums]
         tiles = feeder.iter_tiles(source, spec.tiles, self.device, feeder.tile_format(source),
                                   copy=not spec.view_input)
+        shape = None
         for t, (tile, xt) in enumerate(tiles):
+            if tile.lengths != shape:  # tiles of one shape reuse the pooled pages; a new
+                shape = tile.lengths  # shape starts from a trimmed heap
+                hostmem.trim(self.device)
             if rng_states is not None:
                 rng_states.append(_rng_state(self.device))
             ys = _as_tuple(self.graph(xt, *side))
@@ -203,7 +210,8 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
     side_in = [s if create_graph or not isinstance(s, torch.Tensor) else
                s.detach().requires_grad_(w) for s, w in zip(_on(side, device), want_side)]
     side_grad = [s for s, w in zip(side_in, want_side) if w and isinstance(s, torch.Tensor)]
-    gsource = torch.zeros_like(source) if want_source else None
+    with hostmem.long_lived():  # outlives the loop: not from the pooled heap
+        gsource = torch.zeros_like(source) if want_source else None
     gside = [None] * len(side_grad)
     gparams = [None] * len(params)
     src = source if create_graph else source.detach()

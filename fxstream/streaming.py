@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,9 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 import passes
-from passes import GEOMETRY, Local, NonLocal
 
 from .analysis import Analysis, analyze_traced, check_input_shape, param_dtype
+from .batchnorm import check_streamable, freeze_batchnorm
 from .budget import parse_bytes
 from .errors import FxStreamWarning, UnsupportedError
 from .planner import AUTO, PlanOptions, Situation, make_plan
@@ -34,7 +33,6 @@ from .tracing import trace
 
 log = logging.getLogger(__name__)
 
-_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 PROBE_SIZE = 1024
 
 
@@ -266,8 +264,10 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
     90% of the memory available).
 
     Args:
-        model: an ``nn.Module`` traceable by torch.fx. Train-mode BatchNorm in the stem is not
-            streamed (see :func:`freeze_batchnorm`).
+        model: an ``nn.Module`` traceable by torch.fx. Global statistics in the stem
+            (squeeze-excitation, GroupNorm, InstanceNorm, train-mode BatchNorm) are streamed as
+            reductions at the price of extra passes; :func:`freeze_batchnorm` avoids them for
+            BatchNorm.
         tile_size: the largest input tile edge in pixels (int, or one per spatial axis). Given
             without ``memory_budget``, every input is streamed in tiles of this size (no cuts
             unless ``cuts`` is given).
@@ -365,45 +365,6 @@ def probe_shape(model, leaf_modules):
             if isinstance(m, nn.modules.conv._ConvNd):
                 return (1, m.in_channels) + (PROBE_SIZE,) * len(m.kernel_size)
     return None
-
-
-def check_streamable(analysis: Analysis):
-    """Train-mode BatchNorm where the stem would go on is an error with the fix."""
-    gm = analysis.graph_module
-    blocked = []
-    for node in gm.graph.nodes:
-        g = node.meta.get(GEOMETRY)
-        if isinstance(g, NonLocal) and g.kind == "train_batchnorm" and g.origin == node.name:
-            if any(isinstance(i.meta.get(GEOMETRY), Local) for i in node.all_input_nodes):
-                blocked.append(passes.qualname(node) or node.name)
-    if blocked:
-        raise UnsupportedError(
-            f"train-mode BatchNorm where the stem would continue ({', '.join(blocked[:4])}"
-            f"{', ...' if len(blocked) > 4 else ''}): batch statistics span the whole image. "
-            "Call fxstream.freeze_batchnorm(model) before compiling (eval-mode statistics, "
-            "affine parameters still trained), or model.eval()")
-
-
-def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Put every BatchNorm of ``model`` in eval mode for good; their affine parameters still train.
-
-    ``model.train()`` afterwards leaves them in eval mode. Returns ``model``.
-
-    Example:
-        >>> import torch.nn as nn, fxstream
-        >>> net = fxstream.freeze_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-        >>> net.train()[1].training
-        False
-    """
-    for m in model.modules():
-        if isinstance(m, _BATCHNORM):
-            m.eval()
-            m.train = types.MethodType(_stay_eval, m)
-    return model
-
-
-def _stay_eval(self, mode: bool = True):
-    return nn.Module.train(self, False)
 
 
 __all__ = ["Built", "CompileOptions", "StreamingModule", "build", "compile", "freeze_batchnorm"]

@@ -1,7 +1,7 @@
 """Cut points of a stem: single tensors that every stem path goes through.
 
 A multi-cut plan stores the full map of each cut and streams the segment between two cuts on
-the stored map of the first (DESIGN section 5). A node ``c`` is a valid cut when nothing before
+the stored map of the first (docs/design.md section 5). A node ``c`` is a valid cut when nothing before
 it is read after it: no edge leaves ``ancestors(c)`` except through ``c`` (or into or out of a
 reduced value: whole-image statistics are known to every later segment), no boundary tensor
 lies strictly before it, and its spatial axes sit in the standard dims ``(2, 3, ...)`` so that

@@ -42,7 +42,7 @@ def pad_window(k, stride, pad_lo, pad_hi, dilation, mode="zeros"):
     hull over all of them: wider than the window of an interior output when the padding
     exceeds what the window covers anyway (``2*pad <= reach`` for reflect, ``pad <= reach``
     for replicate). Then ``a <= 0`` and ``b >= reach - pad_lo - pad_hi``: a tile's outputs
-    start at its first position and end where its own crop ends them (DESIGN section 2's
+    start at its first position and end where its own crop ends them (docs/design.md section 2's
     "inside" must imply that the tile holds the output).
     """
     reach = dilation * (k - 1)

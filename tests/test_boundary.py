@@ -104,7 +104,8 @@ def test_split_by_nested_module_qualname():
 
 
 def test_split_at_the_default_boundary_changes_nothing():
-    assert analyze("se", split="relu").boundary == analyze("se").boundary
+    default = analyze("se").boundary
+    assert analyze("se", split=default[0]).boundary == default
 
 
 def test_split_on_a_real_model_by_stage():
@@ -117,22 +118,36 @@ def test_split_on_a_real_model_by_stage():
     assert a.row("layer3_0_conv1").role == "head"
 
 
+class PooledTo4(nn.Module):
+    """conv -> adaptive pooling to 4x4 (each output averages a fraction of the image: not
+    local, and not a whole-image statistic either) -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.pool(self.conv1(x)))
+
+
 def test_split_past_a_non_local_node_names_the_origin_and_reason():
     with pytest.raises(fxstream.SplitError) as info:
-        analyze("se", split="conv2")
+        fxstream.analyze(PooledTo4(), (1, 3, 32, 32), split="conv2")
     message = str(info.value)
-    assert message.startswith("split='conv2' ends at 'conv2', which is not local: 'se_pool' "
+    assert message.startswith("split='conv2' ends at 'conv2', which is not local: 'pool' "
                               "adaptive pooling: each output averages a fraction of the whole "
-                              "image (module 'se.pool', ")
+                              "image (module 'pool', ")
     assert "Hint: choose an earlier module" in message
 
 
 def test_split_at_the_non_local_node_itself():
     with pytest.raises(fxstream.SplitError,
-                       match=re.escape("split='gn' ends at 'gn', which is not local: 'gn' "
-                                       "GroupNorm normalises with statistics over the whole "
-                                       "spatial extent")):
-        analyze("groupnorm", split="gn")
+                       match=re.escape("split='pool' ends at 'pool', which is not local: 'pool' "
+                                       "adaptive pooling: each output averages a fraction of "
+                                       "the whole image")):
+        fxstream.analyze(PooledTo4(), (1, 3, 32, 32), split="pool")
 
 
 def test_split_that_names_nothing():

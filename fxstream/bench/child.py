@@ -19,7 +19,8 @@ def child_config(cfg: BenchConfig, variant, shape, stages) -> dict:
                 device=cfg.device, tile_size=cfg.tile_size, budget_bytes=cfg.budget_bytes,
                 split=cfg.split, leaf_modules=list(cfg.leaf_modules), stages=list(stages),
                 warmup=cfg.warmup, channels_last=cfg.channels_last, autocast=cfg.autocast,
-                offload=cfg.offload, cudnn_benchmark=cfg.cudnn_benchmark)
+                offload=cfg.offload, cudnn_benchmark=cfg.cudnn_benchmark,
+                train_batchnorm=cfg.train_batchnorm)
 
 
 def run_child(config: dict, variant: str, repeat: int, timeout=None) -> Run:
@@ -67,9 +68,10 @@ def child_step(config: dict) -> dict:
     if cuda and config.get("cudnn_benchmark"):
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = freeze_batchnorm(load_model(config["spec"])).to(device=device, dtype=dtype,
-                                                            memory_format=fmt)
-    model.train()
+    model = load_model(config["spec"])
+    if not config.get("train_batchnorm"):
+        model = freeze_batchnorm(model)
+    model = model.to(device=device, dtype=dtype, memory_format=fmt).train()
     extra = {}
     image_device = device
     if variant == "streamed":

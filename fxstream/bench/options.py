@@ -31,6 +31,7 @@ class BenchConfig:
     autocast: str | None = None  # "bfloat16" / "float16": the step under torch.autocast
     offload: bool = False  # CUDA streamed variant: image and cut maps in host memory
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark on (every variant)
+    train_batchnorm: bool = False  # BatchNorm in train mode (batch statistics), not frozen
 
 
 def parse_budget(text: str) -> int:

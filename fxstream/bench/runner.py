@@ -89,7 +89,8 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
     progress = progress or (lambda msg: None)
     dtype = torch_dtype(cfg.dtype)
     available = available_memory(cfg.device)
-    model = freeze_batchnorm(load_model(cfg.spec)).to(dtype)
+    model = load_model(cfg.spec)
+    model = (model if cfg.train_batchnorm else freeze_batchnorm(model)).to(dtype).train()
     # 1. per shape, before running anything: plans, full-image estimate, checkpoint stages
     prepared = []
     for shape in cfg.input_shapes:
@@ -150,7 +151,8 @@ def _options(cfg: BenchConfig) -> tuple[str, ...]:
     return tuple(o for o in ("channels-last" if cfg.channels_last else None,
                              f"autocast {cfg.autocast}" if cfg.autocast else None,
                              "offload" if cfg.offload else None,
-                             "cudnn benchmark" if cfg.cudnn_benchmark else None) if o)
+                             "cudnn benchmark" if cfg.cudnn_benchmark else None,
+                             "train-mode BatchNorm" if cfg.train_batchnorm else None) if o)
 
 
 def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -> SizeResult:

@@ -1,0 +1,59 @@
+"""What a user should be told once about a plan (the streamed module warns with these notes).
+
+Work the stem leaves to the head (a stem that stops at a global statistic it cannot stream), an
+image handed to the head as it is, and passes whose tiles recompute most of themselves, with the
+tile size or budget that would not.
+"""
+from __future__ import annotations
+
+from . import budget as budget_search
+from .analysis import Analysis
+from .errors import PlanError
+from .plans import Pass, Plan
+from .segments import split_segments
+from .tiling import plan_tiles
+
+# a pass computing more than WASTEFUL_REDUNDANCY times its map's pixels is reported, with a tile
+# size that brings it under GOOD_REDUNDANCY
+WASTEFUL_REDUNDANCY = 3.0
+GOOD_REDUNDANCY = 1.5
+
+
+def notes(analysis: Analysis, plan: Plan) -> tuple[str, ...]:
+    """What a user should be told once about this plan: work the stem leaves to the head, an
+    image handed to the head as it is, tiles that recompute most of themselves."""
+    out = []
+    share = analysis.stem_share
+    if share is not None and share < 0.5:
+        heads = [r for r in analysis.global_rows][:1]
+        where = (f" (the head starts at '{heads[0].name}': {heads[0].reason})" if heads else "")
+        out.append(f"the stem holds {share:.0%} of the model's forward work; the rest runs on "
+                   f"the whole image in the head{where}")
+    if analysis.image_in_boundary:
+        out.append("the head reads the image itself (it is handed over as it is, not copied)")
+    for p in plan.passes:
+        if p.redundancy > WASTEFUL_REDUNDANCY and p.num_tiles > 1:
+            better = _better_tile(analysis, p, plan)
+            out.append(f"pass {p.index} computes {p.redundancy:.1f}x the pixels of its map "
+                       f"(tiles overlap by their receptive field){better}")
+    return tuple(out)
+
+
+def _better_tile(analysis, p: Pass, plan: Plan) -> str:
+    """A hint that brings a wasteful pass under GOOD_REDUNDANCY: a larger tile or a budget."""
+    segs = split_segments(analysis, plan.cuts)
+    seg = next(s for s in segs if s.source == p.source)
+    for tile in budget_search.TILE_OPTIONS:
+        if tile <= max(p.tile_size[k] or 0 for k in range(len(p.tile_size))):
+            continue
+        try:
+            red = plan_tiles(seg.sizes, seg.align, seg.geometry, tile).redundancy
+        except PlanError:
+            continue
+        if red <= GOOD_REDUNDANCY:
+            return (f"; tile_size={tile} brings it to {red:.2f}x, or pass memory_budget= and "
+                    "let the planner choose")
+    return "; memory_budget= lets the planner cut the stem so tiles overlap little"
+
+
+__all__ = ["GOOD_REDUNDANCY", "WASTEFUL_REDUNDANCY", "notes"]
