@@ -737,7 +737,7 @@ def _check_geometry(specs, sizes, channels, seed) -> Report:
 
 
 # ---------------------------------------------------------------------------------------------
-# what the geometry is for: a tile's inside outputs equal the full image's (DESIGN.md section 2)
+# what the geometry is for: a tile's inside outputs equal the full image's (docs/design.md section 2)
 
 
 def tile_mismatches(specs, n: int, start: int, stop: int, channels: int = 2) -> list[str]:

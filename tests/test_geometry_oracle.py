@@ -6,7 +6,7 @@ the derived interval; the interval is the exact hull of the dependencies whereve
 per-layer hulls is tight (see ``test_hull_composition_is_loose_after_upsampling`` in the
 regressions for where it is not, and why); clean outputs read exactly what the reference says.
 ``test_inside_implies_exact_1d`` and its two targeted variants check what the intervals are for
-(DESIGN.md section 2) on every aligned region of the image (up to 60);
+(docs/design.md section 2) on every aligned region of the image (up to 60);
 ``test_border_padding_interval_is_the_measured_hull`` checks the reflect/replicate border reads,
 which the unbounded reference cannot see, against autograd over many image sizes.
 """
@@ -186,7 +186,7 @@ def test_geometry_2d(specs, h, w):
 
 @given(specs=stack(1), n=st.integers(8, 40))
 def test_inside_implies_exact_1d(specs, n):
-    """DESIGN.md section 2: on an aligned region, every output whose interval lies inside (or
+    """docs/design.md section 2: on an aligned region, every output whose interval lies inside (or
     crosses a border the region touches) is in the tile and equals the full image's. Regions
     as plans cut them (:func:`oracle.aligned_regions`), up to 60 per image."""
     assume(_runs(specs, (n,)))

@@ -1,6 +1,6 @@
 """Named geometry cases: hand-computed compositions, what hypothesis shrank to, known limits.
 
-Each hand case composes ``J' = J*s, lo' = lo + a*J, hi' = hi + b*J`` (DESIGN.md section 1) by
+Each hand case composes ``J' = J*s, lo' = lo + a*J, hi' = hi + b*J`` (docs/design.md section 1) by
 hand in its docstring, asserts the derived values, and runs the brute-force oracle on it too.
 """
 from __future__ import annotations
@@ -223,7 +223,7 @@ def test_hull_composition_is_tight_when_the_stride_is_coprime():
 
 # ---------------------------------------------------------------------------------------------
 # crops and holes: the interval is a correct dependency hull, but "inside implies exact"
-# (DESIGN.md section 2) needs more than that; these were found by the oracle
+# (docs/design.md section 2) needs more than that; these were found by the oracle
 
 
 @pytest.mark.parametrize("specs", [
