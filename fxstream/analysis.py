@@ -193,12 +193,14 @@ def _propagate_shapes(gm, input_shape, dtype, extra_inputs):
 
 def _check_failures(gm, input_shape):
     """A node that failed on the meta device is an error unless it lies past a non-local node
-    (in the head, which runs as the model does)."""
+    or a whole-image reduction (in the head, which runs as the model does: a join of the
+    pooled features with another input, a ``.item()``)."""
     for node in gm.graph.nodes:
         error = node.meta.get(passes.SHAPE_ERROR)
         if error is None:
             continue
-        if not any(isinstance(i.meta.get(GEOMETRY), NonLocal) for i in node.all_input_nodes):
+        if not any(isinstance(i.meta.get(GEOMETRY), (NonLocal, passes.Reduced))
+                   for i in node.all_input_nodes):
             raise GeometryError(
                 f"the model fails on an input of shape {tuple(input_shape)} at node "
                 f"'{node.name}' ({passes.qualname(node) or 'top level'}; "

@@ -94,7 +94,9 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
         raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
                         f"input {tuple(analysis.input_shape)}: the best found measures "
                         f"{peak / 2**30:.2f} GiB in the {worst.name} (process baseline "
-                        f"{memory.baseline / 2**30:.2f} GiB included)")
+                        f"{memory.baseline / 2**30:.2f} GiB included), over the "
+                        f"{limit / 2**30:.2f} GiB plans may use (they keep "
+                        f"{1 - budget_search.BUDGET_MARGIN:.0%} of the budget in reserve)")
     estimate = Estimate(peak=int(peak), baseline=memory.baseline, stored=choice.stored_bytes,
                         work=plan_work(analysis, passes_), full_peak=memory.full_peak,
                         phases=tuple((ph.name, ph.bytes) for ph in phases))
@@ -191,7 +193,8 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
 
 
 def _corrections(analysis, choice, passes_, phases, memory, corrections):
-    """Per segment, how much more its phases measured than the search estimated."""
+    """Per segment, how much more its own memory measured than the search estimated (the
+    phase's total less what the process and earlier segments hold, which both count alike)."""
     out = dict(corrections)
     held = 0.0
     gm = analysis.graph_module
@@ -200,9 +203,9 @@ def _corrections(analysis, choice, passes_, phases, memory, corrections):
     for seg, (src, dst) in enumerate(zip(points, points[1:])):
         mine = {f"pass {p.index}" for p in passes_ if p.segment == seg}
         measured = max(ph.bytes for ph in phases if ph.name.split(" of ")[-1] in mine)
-        estimated = memory.fixed + held + choice.segment_mem[seg]
-        if measured > estimated:
-            out[(src, dst)] = out.get((src, dst), 1.0) * measured / estimated
+        own = choice.segment_mem[seg]
+        if measured > memory.fixed + held + own and own > 0:
+            out[(src, dst)] = out.get((src, dst), 1.0) * (measured - memory.fixed - held) / own
         held += (_bytes(nodes[dst]) if dst is not None else 0) + choice.segment_held[seg]
     return out
 

@@ -163,11 +163,19 @@ def test_analyze_tile_per_axis(capsys, small_model):
 
 
 def test_train_flag_keeps_train_mode(capsys):
-    # train-mode BatchNorm is not local: the stem of resnet18 ends right after conv1
-    code, out, err = run(capsys, "analyze", "torchvision.models:resnet18", "--input",
-                         "1x3x64x64", "--train", "--json")
-    assert code == 0, err
-    assert json.loads(out)["boundary"] == ["conv1"]
+    # train-mode BatchNorm streams as statistics: bn1 becomes its moments (a reduction over the
+    # batch and the image), a normalisation, and the update of its running statistics
+    ops = {}
+    for train in (False, True):
+        code, out, err = run(capsys, "analyze", "torchvision.models:resnet18", "--input",
+                             "1x3x64x64", "--json", *(["--train"] if train else []))
+        assert code == 0, err
+        data = json.loads(out)
+        assert data["boundary"] == ["layer4_1_relu_1"]
+        ops[train] = {r["op"] for r in data["rows"] if r["qualname"] == "bn1"}
+    assert "passes.statistics.moments" in ops[True]
+    assert "passes.statistics.update_running_stats" in ops[True]
+    assert not any(op.startswith("passes.statistics") for op in ops[False])
 
 
 # ---------------------------------------------------------------------------------------------

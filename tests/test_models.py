@@ -1,4 +1,5 @@
-"""Real and zoo models: where the stem ends, why, and the geometry at the boundary.
+"""Real and zoo models: where the stem ends, why, the whole-image statistics it streams, and the
+geometry at the boundary.
 
 Models are analysed on fake tensors at 224 px (the size costs nothing); each model is built and
 analysed once per session (``_analysis``).
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import fxstream
+import passes
+from passes import GEOMETRY
 from tests.zoo import HANDWRITTEN_NAMES, TORCHVISION_NAMES, ZOO
 
 
@@ -33,6 +36,16 @@ def test_zoo_boundary_and_first_global(name):
         assert a.global_rows[0].reason == entry.reason
     for row in a.boundary_rows:
         assert row.role == "boundary" and row.local
+    assert _statistics(a) == entry.statistics
+    nodes = {n.name: n for n in a.graph_module.graph.nodes}
+    for name in entry.statistics:
+        assert isinstance(nodes[name].meta[GEOMETRY], passes.Reduced)
+
+
+def _statistics(a: fxstream.Analysis) -> tuple[str, ...]:
+    """The whole-image reductions the stem streams (docs/design.md section 7)."""
+    return tuple(r.name for r in a.rows
+                 if r.role == "stem" and not r.local and r.origin == r.name)
 
 
 @pytest.mark.parametrize("name", HANDWRITTEN_NAMES)
@@ -46,41 +59,57 @@ def test_handwritten_models_run_at_their_input_shape(name):
 # ---------------------------------------------------------------------------------------------
 # torchvision: the boundary is the last local tensor before the global pooling
 
+MEAN = "adaptive average pooling to 1: the mean of the whole image"
+FRACTION = "adaptive pooling: each output averages a fraction of the whole image"
 
-@pytest.mark.parametrize("name, qualname, op", [
-    ("resnet18", "layer4.1.relu", "ReLU"),
-    ("resnet50", "layer4.2.relu", "ReLU"),
-    ("densenet121", "", "F.relu"),  # DenseNet.forward: F.relu(features) at the top level
-    ("vgg16", "features.30", "MaxPool2d"),
-    ("vgg11_bn", "features.28", "MaxPool2d"),
-    ("mobilenet_v2", "features.18.2", "ReLU6"),
-    ("convnext_tiny", "features.7.2", "operator.add"),  # the last CNBlock's residual add
+
+@pytest.mark.parametrize("name, qualname, op, reason", [
+    ("resnet18", "layer4.1.relu", "ReLU", MEAN),
+    ("resnet50", "layer4.2.relu", "ReLU", MEAN),
+    ("densenet121", "", "F.relu", MEAN),  # DenseNet.forward: F.relu(features) at the top level
+    ("vgg16", "features.30", "MaxPool2d", FRACTION),  # AdaptiveAvgPool2d((7, 7))
+    ("vgg11_bn", "features.28", "MaxPool2d", FRACTION),
+    ("mobilenet_v2", "features.18.2", "ReLU6", MEAN),
+    ("convnext_tiny", "features.7.2", "operator.add", MEAN),  # the last CNBlock's residual add
+    ("efficientnet_b0", "features.8.2", "SiLU", MEAN),  # past its 16 squeeze-excitations
 ])
-def test_boundary_is_the_last_tensor_before_the_global_pool(name, qualname, op):
+def test_boundary_is_the_last_tensor_before_the_global_pool(name, qualname, op, reason):
+    """A pool to 1 is a whole-image mean (``Reduced``) and a pool to 7x7 is non-local; either
+    way the classifier's pool is the head's first node and reads the boundary directly."""
     a = _analysis(name)
     (row,) = a.boundary_rows
     assert (row.qualname, row.op) == (qualname, op)
     assert row.stride == ("32", "32")
     (pool,) = a.global_rows
     assert pool.op in ("AdaptiveAvgPool2d", "F.adaptive_avg_pool2d")
-    assert pool.reason.startswith("adaptive pooling")
-    # the pool reads the boundary directly
+    assert pool.reason == reason
     gm = a.graph_module
     node = next(n for n in gm.graph.nodes if n.name == pool.name)
+    kind = passes.Reduced if reason == MEAN else passes.NonLocal
+    assert isinstance(node.meta[GEOMETRY], kind)
+    # the pool reads the boundary directly
     assert [i.name for i in node.all_input_nodes] == [row.name]
 
 
-def test_efficientnet_b0_stem_ends_before_the_first_squeeze_excitation():
+def test_efficientnet_b0_streams_its_squeeze_excitations():
     a = _analysis("efficientnet_b0")
-    (row,) = a.boundary_rows
-    # features.0 (3x3/2 conv) and the first MBConv's depthwise 3x3 + BN + SiLU
-    assert (row.qualname, row.op) == ("features.1.0.block.0.2", "SiLU")
-    assert row.stride == ("2", "2") and row.receptive_field == ("7", "7")
-    se = a.global_rows[0]
-    assert se.qualname == "features.1.0.block.1.avgpool"
-    # the SE's excitation multiplies the boundary by channel weights: head, not stem
+    # features.0 (3x3/2 conv) and the first MBConv's depthwise 3x3 + BN + SiLU: the first SE's
+    # input, now inside the stem
+    first = a.row("features_1_0_block_0_2")
+    assert (first.qualname, first.op, first.role) == ("features.1.0.block.0.2", "SiLU", "stem")
+    assert first.stride == ("2", "2") and first.receptive_field == ("7", "7")
+    se = a.row("features_1_0_block_1_avgpool")
+    assert (se.role, se.local, se.origin) == ("stem", False, se.name)
+    assert se.reason == MEAN
+    # the SE's excitation is computed once from the statistics and multiplies the map by
+    # channel weights inside the stem: the product is local again, on the same grid
     scale = a.row("features_1_0_block_1_scale_activation")
-    assert scale.role == "head" and scale.origin == se.name
+    assert scale.role == "stem" and scale.origin == se.name
+    mul = a.row("mul")
+    assert (mul.qualname, mul.role, mul.local) == ("features.1.0.block.1", "stem", True)
+    assert mul.stride == ("2", "2") and mul.receptive_field == ("7", "7")
+    # the classifier's pool is the only global node of the head
+    assert [r.name for r in a.global_rows] == ["avgpool"]
 
 
 def test_convnext_tiny_needs_the_stochastic_depth_rule():
@@ -99,7 +128,7 @@ def test_convnext_tiny_needs_the_stochastic_depth_rule():
 
 
 def _compose(geometry, layers):
-    """(J, lo, hi) through layers (kernel, stride, padding), as in DESIGN.md section 1:
+    """(J, lo, hi) through layers (kernel, stride, padding), as in docs/design.md section 1:
     J' = J*s, lo' = lo - p*J, hi' = hi + (k - 1 - p)*J."""
     J, lo, hi = geometry
     for k, s, p in layers:
@@ -143,13 +172,23 @@ def test_resnet50_with_frozen_batchnorm_is_local():
     assert a.row("layer4_2_relu_2").receptive_field == ("427", "427")
 
 
-def test_train_mode_resnet_stops_at_the_first_batchnorm():
+def test_train_mode_resnet_streams_its_batchnorms():
+    """Each train-mode BatchNorm becomes its moments over the batch and the image (in the stem),
+    a pointwise normalisation (in the stem) and the update of its running statistics (read by
+    nothing in the stem): the stem ends at the same tensor as in eval mode."""
     import torchvision
 
     a = fxstream.analyze(torchvision.models.resnet18(weights=None).train(), (1, 3, 224, 224))
-    assert a.boundary == ("conv1",)
-    assert a.global_rows[0].name == "bn1"
-    assert a.global_rows[0].reason.startswith("train-mode BatchNorm")
+    assert a.boundary == ("layer4_1_relu_1",)
+    assert [r.name for r in a.global_rows] == ["avgpool"]
+    moments = [r for r in a.rows if r.op == "passes.statistics.moments"]
+    assert len(moments) == 20 and all(r.role == "stem" and r.origin == r.name for r in moments)
+    assert moments[0].qualname == "bn1"
+    assert moments[0].reason == ("mean and variance over the batch and the whole image (a "
+                                 "norm's statistics)")
+    assert a.row("normalize").qualname == "bn1" and a.row("normalize").local
+    updates = [r for r in a.rows if r.op == "passes.statistics.update_running_stats"]
+    assert len(updates) == 20 and updates[0].origin == "moments"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,24 +259,30 @@ def test_timm_resnet18_matches_torchvision():
 
 
 @needs_timm
-def test_timm_seresnet18_stem_ends_before_the_first_squeeze_excitation():
+def test_timm_seresnet18_streams_its_squeeze_excitations():
     a = _timm("seresnet18")
-    # the first block's SE input (bn2) and the shortcut (maxpool) both feed the head
-    assert a.boundary == ("maxpool", "layer1_0_bn2")
-    (se,) = a.global_rows
-    assert se.qualname == "layer1.0.se"
-    assert se.reason == "mean reduces over spatial axis 0 (tensor dim 2)"
+    # every block's SE (a mean over the image) is streamed: the stem ends where resnet18's does
+    assert a.boundary == ("layer4_1_act2",)
+    assert [r.qualname for r in a.global_rows] == ["global_pool.pool"]
+    se = [r for r in a.rows if r.qualname.endswith(".se") and r.origin == r.name]
+    assert [r.qualname for r in se] == [f"layer{i}.{j}.se" for i in range(1, 5) for j in (0, 1)]
+    assert all(r.role == "stem" and r.reason == "mean over the whole image" for r in se)
+    assert _statistics(a) == tuple(r.name for r in se)
 
 
 @needs_timm
-def test_timm_efficientnet_b0_stem_ends_at_the_first_squeeze_excitation():
+def test_timm_efficientnet_b0_streams_past_its_first_squeeze_excitation():
     a = _timm("efficientnet_b0")
-    assert a.boundary[-1] == "blocks_0_0_aa"
-    assert a.global_rows[0].qualname == "blocks.0.0.se"
+    assert a.boundary[-1] == "bn2_act"
+    assert a.global_rows[0].qualname == "global_pool.pool"
+    se = next(r for r in a.rows if r.qualname == "blocks.0.0.se" and r.origin == r.name)
+    assert se.role == "stem" and se.reason == "mean over the whole image"
+    assert a.row("blocks_0_0_aa").role == "stem"
+    assert len(_statistics(a)) == 16
 
 
 @needs_timm
 def test_timm_efficientnet_b0_has_one_boundary_tensor():
     """BatchNormAct2d's ``_assert(x.ndim == 4)`` reads the conv's shape; that must not make the
     conv a boundary tensor."""
-    assert _timm("efficientnet_b0").boundary == ("blocks_0_0_aa",)
+    assert _timm("efficientnet_b0").boundary == ("bn2_act",)

@@ -178,6 +178,9 @@ def test_an_image_the_head_reads_is_handed_over_not_copied():
 
 
 def test_a_stem_with_little_of_the_work_is_reported():
+    """A mean over the rows only (not a whole-image statistic, so not streamed) ends the stem
+    after a small conv; the big conv runs on the whole image in the head."""
+
     class Early(nn.Module):
         def __init__(self):
             super().__init__()
@@ -186,8 +189,9 @@ def test_a_stem_with_little_of_the_work_is_reported():
 
         def forward(self, x):
             y = self.c(x)
-            return self.big(y * y.mean((2, 3), keepdim=True))
+            return self.big(y * y.mean(2, keepdim=True))
 
+    assert fxstream.analyze(Early(), (1, 3, 40, 40)).stem_share < 0.5
     sm = fxstream.compile(Early(), tile_size=16)
     with pytest.warns(fxstream.FxStreamWarning, match=r"the stem holds \d+% of the model's "
                                                       r"forward work.*head starts at 'mean'"):
@@ -285,8 +289,13 @@ def test_train_batchnorm_with_momentum_none_is_analysed():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1)).train()
     a = fxstream.analyze(net, (2, 3, 32, 32))
-    assert a.boundary == ("_0",)
+    # the BatchNorm streams its moments: the stem ends at the ReLU before the global pool
+    assert a.boundary == ("_2",)
+    assert a.row("moments").role == "stem" and a.row("moments").qualname == "1"
+    assert a.row("update_running_stats").origin == "moments"
     assert int(net[1].num_batches_tracked) == 0  # the analysis left the model alone
+    assert torch.equal(net[1].running_mean, torch.zeros(4))
+    assert torch.equal(net[1].running_var, torch.ones(4))
 
 
 class ItemHead(nn.Module):

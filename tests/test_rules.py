@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxstream
-from passes import GEOMETRY, RULES, Local, NonLocal, input_symbols
+from passes import GEOMETRY, RULES, Local, NonLocal, Reduced, Reduction, input_symbols
 
 H, W = input_symbols(2)
 SHAPE = (1, 4, 16, 16)
@@ -48,6 +48,13 @@ def reason(fn, shape=SHAPE, **members):
     g = out(fn, shape, **members)
     assert isinstance(g, NonLocal), f"expected non-local, got {g}"
     return g.reason
+
+
+def reduced(fn, shape=SHAPE, **members):
+    """The output's geometry, a whole-image reduction (docs/design.md section 7)."""
+    g = out(fn, shape, **members)
+    assert isinstance(g, Reduced), f"expected a whole-image reduction, got {g}"
+    return g
 
 
 def axis(g, k=0):
@@ -95,15 +102,30 @@ def test_batchnorm_eval_is_local():
     assert axis(g) == IDENTITY
 
 
-def test_batchnorm_train_is_not_local():
-    model = Fn(lambda s, x: s.bn(x), bn=nn.BatchNorm2d(4)).train()
+def _nodes(a):
+    return {n.name: n for n in a.graph_module.graph.nodes}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_train_is_taken_apart_into_streamed_moments(momentum):
+    """Train-mode BatchNorm: its moments over the batch and the image (a whole-image reduction),
+    a pointwise normalisation, and the update of its running statistics."""
+    model = Fn(lambda s, x: s.bn(x), bn=nn.BatchNorm2d(4, momentum=momentum)).train()
     a = fxstream.analyze(model, SHAPE)
-    (row,) = a.global_rows
-    assert row.name == "bn"
-    assert row.reason == ("train-mode BatchNorm normalises with statistics over the batch and "
-                          "the whole image; call model.eval() or fxstream.freeze_batchnorm(model)")
-    assert a.graph_module.graph.find_nodes(op="call_module", target="bn")[0] \
-        .meta[GEOMETRY].kind == "train_batchnorm"
+    assert a.global_rows == [] and a.boundary == ("normalize",)
+    nodes = _nodes(a)
+    assert "bn" not in nodes
+    stats = a.row("moments")
+    assert (stats.role, stats.qualname) == ("stem", "bn")
+    assert stats.reason == ("mean and variance over the batch and the whole image (a norm's "
+                            "statistics)")
+    assert nodes["moments"].meta[GEOMETRY].reduction == Reduction(
+        "moments", (2, 3), keepdim=False, groups=4, batch=True)
+    assert nodes["normalize"].args[:2] == (nodes["x"], nodes["moments"])
+    assert axis(nodes["normalize"].meta[GEOMETRY]) == IDENTITY
+    update = a.row("update_running_stats")
+    assert update.origin == "moments" and nodes["update_running_stats"].kwargs == {
+        "momentum": momentum, "count": 16 * 16}
 
 
 def test_batchnorm_function_training_is_not_local():
@@ -116,13 +138,28 @@ def test_batchnorm_function_training_is_not_local():
     assert axis(g) == IDENTITY
 
 
-def test_groupnorm_and_instancenorm_are_not_local():
-    assert reason(lambda s, x: s.n(x), n=nn.GroupNorm(2, 4)) == \
-        "GroupNorm normalises with statistics over the whole spatial extent"
+@pytest.mark.parametrize("norm, groups, affine", [
+    (nn.GroupNorm(2, 4), 2, True), (nn.InstanceNorm2d(4), 4, False),
+    (nn.InstanceNorm2d(4, affine=True), 4, True),
+], ids=["GroupNorm", "InstanceNorm2d", "InstanceNorm2d-affine"])
+def test_groupnorm_and_instancenorm_modules_are_taken_apart(norm, groups, affine):
+    """The modules become their moments over the image (per sample and group: a whole-image
+    reduction) and a pointwise normalisation: the output is local."""
+    a = analyze(lambda s, x: s.n(x), n=norm)
+    assert a.global_rows == [] and a.boundary == ("normalize",)
+    nodes = _nodes(a)
+    assert nodes["moments"].meta[GEOMETRY] == Reduced(
+        "moments", "mean and variance over the whole image (a norm's statistics)",
+        Reduction("moments", (2, 3), keepdim=False, groups=groups))
+    weight = nodes["normalize"].args[2]
+    assert (weight is not None) == affine
+    assert axis(nodes["normalize"].meta[GEOMETRY]) == IDENTITY
+
+
+def test_groupnorm_and_instancenorm_functions_are_not_local():
+    """Only the modules are taken apart: the functions keep their reason."""
     assert reason(lambda s, x: F.group_norm(x, 2)) == \
         "group_norm normalises with statistics over the whole spatial extent"
-    assert reason(lambda s, x: s.n(x), n=nn.InstanceNorm2d(4)) == \
-        "InstanceNorm2d normalises with statistics over the whole spatial extent"
     assert reason(lambda s, x: F.instance_norm(x)) == \
         "instance_norm normalises with statistics over the whole spatial extent"
 
@@ -300,11 +337,26 @@ def test_maxpool_with_indices_is_not_local():
 
 @pytest.mark.parametrize("fn, text", [
     (lambda s, x: s.p(x), "adaptive pooling: each output averages a fraction of the whole image"),
+    (lambda s, x: F.adaptive_avg_pool2d(x, (1, 2)),
+     "adaptive pooling: each output averages a fraction of the whole image"),
     (lambda s, x: F.adaptive_max_pool2d(x, 2),
      "adaptive pooling: each output reads a fraction of the whole image"),
-], ids=["AdaptiveAvgPool2d", "F.adaptive_max_pool2d"])
+    (lambda s, x: F.adaptive_max_pool2d(x, 1),
+     "adaptive pooling: each output reads a fraction of the whole image"),
+], ids=["AdaptiveAvgPool2d", "F.adaptive_avg_pool2d-1x2", "F.adaptive_max_pool2d",
+        "F.adaptive_max_pool2d-1"])
 def test_adaptive_pooling_is_not_local(fn, text):
-    assert reason(fn, p=nn.AdaptiveAvgPool2d(1)) == text
+    assert reason(fn, p=nn.AdaptiveAvgPool2d(4)) == text
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: s.p(x), lambda s, x: F.adaptive_avg_pool2d(x, 1),
+    lambda s, x: F.adaptive_avg_pool2d(x, (1, 1)),
+], ids=["AdaptiveAvgPool2d", "F.adaptive_avg_pool2d", "F.adaptive_avg_pool2d-1x1"])
+def test_adaptive_average_pooling_to_1_is_a_whole_image_mean(fn):
+    g = reduced(fn, p=nn.AdaptiveAvgPool2d(1))
+    assert g.reason == "adaptive average pooling to 1: the mean of the whole image"
+    assert g.reduction == Reduction("mean", (2, 3), keepdim=True)
 
 
 def test_transposed_conv_geometry():
@@ -485,7 +537,7 @@ def test_constant_pad():
 
 def test_pad_module_and_negative_pad():
     """A crop of 2 at the top reads input i + 2, but a tile lacks the cropped rows next to its
-    edge, so the window is widened to [i, i + 2] (DESIGN section 2's "inside" must imply that
+    edge, so the window is widened to [i, i + 2] (docs/design.md section 2's "inside" must imply that
     the tile holds every value an output reads)."""
     g = out(lambda s, x: s.p(x), p=nn.ZeroPad2d((0, 0, -2, 1)))
     assert axis(g, 0) == (1, 0, 2) and size_is(g, 0, lambda n: n - 1)
@@ -650,10 +702,25 @@ def test_reduction_over_channels_is_local():
 
 
 def test_reduction_over_space_is_not_local():
-    assert reason(lambda s, x: x.mean((2, 3))) == "mean reduces over spatial axis 0 (tensor dim 2)"
+    """Over part of the image, over every dim, or not a sum: non-local."""
+    assert reason(lambda s, x: x.mean(2)) == \
+        "mean reduces over spatial axis 0 but not over all of them"
     assert reason(lambda s, x: torch.amax(x, dim=-1)) == \
-        "amax reduces over spatial axis 1 (tensor dim 3)"
+        "amax reduces over spatial axis 1 but not over all of them"
     assert reason(lambda s, x: x.sum()) == "sum over all dims, spatial axes included"
+    assert reason(lambda s, x: torch.amax(x, dim=(2, 3))) == \
+        "amax over the whole image: only sums (mean, sum, var, std, the 2-norm) are streamed"
+
+
+def test_sums_over_the_whole_image_are_streamed_reductions():
+    g = reduced(lambda s, x: x.mean((2, 3)))
+    assert g.reason == "mean over the whole image"
+    assert g.reduction == Reduction("mean", (2, 3), keepdim=False)
+    g = reduced(lambda s, x: x.var((-1, -2), keepdim=True))
+    assert g.reason == "var over the whole image"
+    assert g.reduction == Reduction("var", (2, 3), keepdim=True, correction=1)
+    g = reduced(lambda s, x: x.norm(p=2, dim=(2, 3)))
+    assert g.reduction == Reduction("norm2", (2, 3), keepdim=False)
 
 
 def test_var_and_std_read_keepdim_after_unbiased():

@@ -147,8 +147,20 @@ def test_image_smaller_than_the_stem_accepts():
         sm(torch.randn(1, 3, 10, 10))
 
 
-def test_train_mode_batchnorm_is_an_error_with_the_fix():
-    net = small_net(bn=True).train()
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm that calls ``F.batch_norm`` itself, then a ReLU (as timm's BatchNormAct2d):
+    its statistics are not taken apart, so in train mode the stem refuses it."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                   self.bias, self.training, self.momentum, self.eps))
+
+
+def test_train_mode_functional_batchnorm_is_an_error_with_the_fix():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct(4),
+                        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2)).train()
     with pytest.raises(fxstream.UnsupportedError, match=r"train-mode BatchNorm.*freeze_batchnorm"):
         fxstream.compile(net, tile_size=16)
     sm = fxstream.compile(net.eval(), tile_size=16)
@@ -156,6 +168,30 @@ def test_train_mode_batchnorm_is_an_error_with_the_fix():
     with pytest.raises(fxstream.UnsupportedError, match=r"train-mode BatchNorm where the stem "
                                                         r"would continue \(1\)"):
         sm(torch.randn(1, 3, 40, 40))
+    # the fix it names
+    fxstream.freeze_batchnorm(net).double()
+    sm = fxstream.compile(net.train(), tile_size=16)
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    assert ((sm(x) - net(x)).abs().max() <= 1e-10 * net(x).abs().max()).item()
+
+
+def test_train_mode_batchnorm_streams_after_a_switch_from_eval():
+    """nn.BatchNorm2d in train mode streams its batch statistics (docs/design.md section 7):
+    a module compiled in eval mode and switched to train gives the output and the running
+    statistics of the model in train mode."""
+    import copy
+
+    net = small_net(bn=True).double()
+    full = copy.deepcopy(net).train()
+    sm = fxstream.compile(net.eval(), tile_size=16)
+    sm.train()
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    y, want = sm(x), full(x)
+    assert ((y - want).abs().max() <= 1e-10 * want.abs().max()).item()
+    assert sm.plan(x.shape, x.dtype).passes[0].num_tiles > 1
+    assert int(net[1].num_batches_tracked) == 1
+    for (name, a), (_, b) in zip(full.named_buffers(), net.named_buffers()):
+        assert ((a - b).abs().max() <= 1e-10 * a.abs().max()).item(), name
 
 
 def test_freeze_batchnorm_allows_training():
@@ -170,9 +206,17 @@ def test_freeze_batchnorm_allows_training():
 
 def test_split_past_a_non_local_node():
     net = small_net()
-    with pytest.raises(fxstream.SplitError, match=r"split='6' ends at '_6', which is not "
-                                                  r"local: '_4' adaptive pooling"):
+    # past the global pool (a whole-image mean): the classifier's output is no image tensor
+    with pytest.raises(fxstream.SplitError, match=r"split='6' ends at '_6', which is not an "
+                                                  r"image tensor"):
         fxstream.compile(net, tile_size=16, split="6")
+    # past a pool to 4x4: non-local, and the error names where non-locality starts
+    torch.manual_seed(0)
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                           nn.Conv2d(4, 4, 1))
+    with pytest.raises(fxstream.SplitError, match=r"split='3' ends at '_3', which is not "
+                                                  r"local: '_2' adaptive pooling"):
+        fxstream.compile(pooled, tile_size=16, split="3")
     with pytest.raises(fxstream.SplitError, match=r"split='layer9' names no node"):
         fxstream.compile(net, tile_size=16, split="layer9")
 

@@ -14,10 +14,13 @@ Their receptive fields are 150-2100 px, so their images are skinny to stay cheap
 px across (the least that vgg, densenet and convnext accept; that axis is one tile) and just
 long enough for a plan with few tiles. E.g. resnet18 on 32x480: the smallest legal tile is 448
 and gives two tiles, [0, 448) and [32, 480). The non-dividing cases of resnet18 and
-mobilenet_v2 tile the rows (480x32) instead of the columns; efficientnet_b0's stem (stride 2,
-7 px) is tiled on both axes. densenet121's (2071 px) and convnext_tiny's (1688 px) full stems
-exceed any affordable image: they run as one tile at 32x32, and their tiled plans stream only
-up to an earlier stage (``split="features.denseblock2"``, ``split="features.3"``).
+mobilenet_v2 tile the rows (480x32) instead of the columns. densenet121's (2071 px),
+convnext_tiny's (1688 px) and efficientnet_b0's (851 px: its squeeze-excitations are streamed,
+so its stem is the whole network up to the classifier's pool) full stems exceed any affordable
+image: they run as one tile at 32x32 (14x18 for efficientnet_b0), and their tiled plans stream
+only up to an earlier stage (``split="features.denseblock2"``, ``split="features.3"``;
+efficientnet_b0's ``split="features.2"``, stride 4 and 19 px, tiled on both axes, holds three
+squeeze-excitations and a residual add).
 """
 from __future__ import annotations
 
@@ -89,8 +92,8 @@ TORCHVISION_CASES = [
     Case("vgg11_bn", (1, 3, 32, 220), "non_dividing", 190),
     Case("vgg11_bn", (1, 3, 32, 188), "smallest"),
     Case("efficientnet_b0", (1, 3, 14, 18), "one_tile"),
-    Case("efficientnet_b0", (1, 3, 14, 18), "non_dividing", (11, 13)),
-    Case("efficientnet_b0", (1, 3, 14, 18), "smallest"),
+    Case("efficientnet_b0", (1, 3, 32, 36), "non_dividing", split="features.2"),
+    Case("efficientnet_b0", (1, 3, 32, 32), "smallest", split="features.2"),
     Case("densenet121", (1, 3, 32, 32), "one_tile"),
     Case("densenet121", (1, 3, 32, 274), "non_dividing", 266, split="features.denseblock2"),
     Case("densenet121", (1, 3, 32, 266), "smallest", split="features.denseblock2"),

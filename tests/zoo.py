@@ -6,10 +6,11 @@ Two kinds of entries, each a :class:`ZooEntry` in :data:`ZOO`:
   streaming runtime on CPU at 64-200 px (``entry.build(dtype=torch.float64)``);
 - **torchvision** factories (``weights=None``, eval mode), analysed on fake tensors only.
 
-Every entry records the boundary it is expected to have (fx node names, in graph order) and the
-node(s) where non-locality starts (``first_global``, empty for a fully local model), with the
-start of that node's reason. ``tests/test_models.py`` checks these expectations; other tests may
-rely on them.
+Every entry records the boundary it is expected to have (fx node names, in graph order), the
+node(s) where the head's non-locality starts (``first_global``, empty for a model the stem
+covers whole), with that node's reason, and the whole-image reductions the stem streams
+(``statistics``: squeeze-excitation's means, a norm's moments; docs/design.md section 7).
+``tests/test_models.py`` checks these expectations; other tests may rely on them.
 
     >>> from tests.zoo import ZOO
     >>> model = ZOO["unet"].build()                 # float32, eval mode, seeded
@@ -84,7 +85,8 @@ class SqueezeExcite(nn.Module):
 
 
 class SENet(nn.Module):
-    """conv -> relu -> squeeze-excitation -> conv: the SE's global average ends the stem."""
+    """conv -> relu -> squeeze-excitation -> conv: the SE's global average is a streamed
+    whole-image reduction, so the stem covers the whole model (up to ``conv2``)."""
 
     def __init__(self, cin=3, c=4):
         super().__init__()
@@ -98,7 +100,8 @@ class SENet(nn.Module):
 
 
 class GroupNormNet(nn.Module):
-    """conv -> GroupNorm -> relu -> conv: GroupNorm's statistics over space end the stem."""
+    """conv -> GroupNorm -> relu -> conv: GroupNorm is taken apart into its moments over the
+    image (a streamed reduction) and a pointwise normalisation; the stem covers the whole model."""
 
     def __init__(self, cin=3, c=4):
         super().__init__()
@@ -131,7 +134,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtLike(nn.Module):
-    """A 2x2/2 patchify stem, two ConvNeXt blocks, then a mean over space and a Linear head."""
+    """A 2x2/2 patchify stem, two ConvNeXt blocks, then a mean over space and a Linear head
+    (the mean is the head's first node: a whole-image reduction of the boundary)."""
 
     def __init__(self, cin=3, c=4, classes=3):
         super().__init__()
@@ -208,9 +212,11 @@ class ZooEntry:
     """One zoo model and what the analysis is expected to find on it.
 
     ``boundary``: expected boundary node names, in graph order. ``first_global``: the nodes
-    where non-locality starts (``Analysis.global_rows``), ``()`` for a fully local model;
-    ``reason``: the start of the first global node's reason. ``input_shape``: a shape the
-    model runs at (small for hand-written models, so that it can run for real).
+    where the head's non-locality starts (``Analysis.global_rows``), ``()`` when the stem
+    covers the whole model; ``reason``: the first global node's reason. ``statistics``: the
+    whole-image reductions inside the stem (non-local stem rows that are their own origin), in
+    graph order. ``input_shape``: a shape the model runs at (small for hand-written models, so
+    that it can run for real).
     """
 
     name: str
@@ -219,6 +225,7 @@ class ZooEntry:
     boundary: tuple[str, ...]
     first_global: tuple[str, ...] = ()
     reason: str = ""
+    statistics: tuple[str, ...] = ()
     handwritten: bool = True
     notes: str = ""
 
@@ -244,17 +251,18 @@ def _randomize_norm_stats(model: nn.Module) -> None:
 
 
 _ADAPTIVE = "adaptive pooling: each output averages a fraction of the whole image"
+_GLOBAL_POOL = "adaptive average pooling to 1: the mean of the whole image"
 
 HANDWRITTEN = [
     ZooEntry("unet", UNet, (1, 3, 64, 64), boundary=("outc",),
              notes="whole graph local; pad-to-match amounts are non-zero when H % 4 != 0"),
-    ZooEntry("se", SENet, (1, 3, 32, 32), boundary=("relu",), first_global=("se_pool",),
-             reason=_ADAPTIVE),
-    ZooEntry("groupnorm", GroupNormNet, (1, 3, 32, 32), boundary=("conv1",),
-             first_global=("gn",),
-             reason="GroupNorm normalises with statistics over the whole spatial extent"),
+    ZooEntry("se", SENet, (1, 3, 32, 32), boundary=("conv2",), statistics=("se_pool",),
+             notes="the SE's pool is streamed: the whole model is stem"),
+    ZooEntry("groupnorm", GroupNormNet, (1, 3, 32, 32), boundary=("conv2",),
+             statistics=("moments",),
+             notes="'gn' is rewritten into 'moments' and 'normalize': the whole model is stem"),
     ZooEntry("convnext_like", ConvNeXtLike, (1, 3, 32, 32), boundary=("add_1",),
-             first_global=("mean",), reason="mean reduces over spatial axis 0 (tensor dim 2)"),
+             first_global=("mean",), reason="mean over the whole image"),
     ZooEntry("shufflenet_like", ShuffleNetLike, (1, 3, 32, 32), boundary=("gconv2",)),
     ZooEntry("pyramid", Pyramid, (1, 3, 32, 32), boundary=("lat3", "add"),
              notes="two local outputs: both are boundary tensors; H and W must be multiples "
@@ -274,32 +282,37 @@ def _torchvision(name):
 
 TORCHVISION = [
     ZooEntry("resnet18", _torchvision("resnet18"), (1, 3, 224, 224),
-             boundary=("layer4_1_relu_1",), first_global=("avgpool",), reason=_ADAPTIVE,
+             boundary=("layer4_1_relu_1",), first_global=("avgpool",), reason=_GLOBAL_POOL,
              handwritten=False),
     ZooEntry("resnet50", _torchvision("resnet50"), (1, 3, 224, 224),
-             boundary=("layer4_2_relu_2",), first_global=("avgpool",), reason=_ADAPTIVE,
+             boundary=("layer4_2_relu_2",), first_global=("avgpool",), reason=_GLOBAL_POOL,
              handwritten=False),
     ZooEntry("densenet121", _torchvision("densenet121"), (1, 3, 224, 224),
-             boundary=("relu",), first_global=("adaptive_avg_pool2d",), reason=_ADAPTIVE,
+             boundary=("relu",), first_global=("adaptive_avg_pool2d",), reason=_GLOBAL_POOL,
              handwritten=False, notes="DenseNet.forward applies F.relu and F.adaptive_avg_pool2d"),
     ZooEntry("vgg16", _torchvision("vgg16"), (1, 3, 224, 224),
              boundary=("features_30",), first_global=("avgpool",), reason=_ADAPTIVE,
-             handwritten=False, notes="the last MaxPool2d of features"),
+             handwritten=False,
+             notes="the last MaxPool2d of features; the pool to 7x7 is truly non-local"),
     ZooEntry("vgg11_bn", _torchvision("vgg11_bn"), (1, 3, 224, 224),
              boundary=("features_28",), first_global=("avgpool",), reason=_ADAPTIVE,
              handwritten=False),
     ZooEntry("mobilenet_v2", _torchvision("mobilenet_v2"), (1, 3, 224, 224),
              boundary=("features_18_2",), first_global=("adaptive_avg_pool2d",),
-             reason=_ADAPTIVE, handwritten=False),
+             reason=_GLOBAL_POOL, handwritten=False),
     ZooEntry("convnext_tiny", _torchvision("convnext_tiny"), (1, 3, 224, 224),
-             boundary=("add_17",), first_global=("avgpool",), reason=_ADAPTIVE,
+             boundary=("add_17",), first_global=("avgpool",), reason=_GLOBAL_POOL,
              handwritten=False,
              notes="needs the stochastic_depth rule; the last block's residual add"),
     ZooEntry("efficientnet_b0", _torchvision("efficientnet_b0"), (1, 3, 224, 224),
-             boundary=("features_1_0_block_0_2",),
-             first_global=("features_1_0_block_1_avgpool",), reason=_ADAPTIVE,
+             boundary=("features_8_2",), first_global=("avgpool",), reason=_GLOBAL_POOL,
+             statistics=("features_1_0_block_1_avgpool",) + tuple(
+                 f"features_{stage}_{block}_block_2_avgpool"
+                 for stage, blocks in ((2, 2), (3, 2), (4, 3), (5, 3), (6, 4), (7, 1))
+                 for block in range(blocks)),
              handwritten=False,
-             notes="the first MBConv's squeeze-excitation ends the stem at stride 2"),
+             notes="its 16 squeeze-excitations are streamed: the stem runs up to the last "
+                   "conv's SiLU before the classifier's pool"),
 ]
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in HANDWRITTEN + TORCHVISION}
