@@ -39,16 +39,20 @@ from passes import GEOMETRY, ROLE, Local
 from .plans import Pass
 from .runtime import PassEngine, StreamFunction
 
-# what the allocator holds per live byte of a pooled tile loop. CPU: glibc's heap with the host
-# memory pool (fxstream.hostmem) keeps freed chunks, and one tile's recompute and backward do
-# not fit all their allocations into the holes the previous ones left: ResNet-18 at 2048²,
-# the pooled backward of a pass measured 1.1x its tracked live bytes with 4 tiles, 1.5x with 9
-# and 2.2-2.6x with 36 (examples/memory_check.py). Outside the pool every large tensor is
-# mapped and unmapped (hostmem.fix_thresholds) and the process holds its live bytes: factor 1,
-# measured within 0.04 GiB per phase. The budget search weighs a pooled loop at this factor
-# against an unpooled one at budget.UNPOOLED_COST. CUDA has no pooled loops (its caching
-# allocator reuses blocks by itself): there the live bytes are the estimate.
+# what the allocator holds per live byte of a pooled tile loop, an upper bound. CPU: glibc's
+# heap with the host memory pool (fxstream.hostmem) keeps freed chunks, and a tile's recompute
+# and backward do not fit all their allocations into the holes earlier ones left. Measured
+# (examples/memory_check.py, VmHWM per phase against the tracked live bytes): ResNet-18 at
+# 2048², 1.9x within the first of 36 tiles of 300² and up to 2.6x after all of them, 1.5x over
+# 9 tiles, 1.1x over 4; MobileNet-V2 1.1x over 9. A budget plan's pooled loops trim the heap
+# after any tile that leaves it over HEAP_BOUND times their live bytes (hostmem.Guard), so the
+# drift across tiles stays under the factor. Outside the pool every large tensor is mapped and
+# unmapped (hostmem.fix_thresholds) and the process holds its live bytes: factor 1, measured
+# within 0.04 GiB per phase. The search weighs a pooled loop at this factor against an
+# unpooled one at budget.UNPOOLED_COST. CUDA has no pooled loops (its caching allocator reuses
+# blocks by itself): there the live bytes are the estimate.
 ALLOCATOR_FACTOR = {"cpu": 2.2}
+HEAP_BOUND = 2.0
 # gradient bytes alive at once in a segment's backward beyond what it saved, in units of its
 # largest map (the saved tensors of the nodes already back-propagated are freed as gradients
 # appear: resnet18's segments measured 0.75-1x on the meta device)

@@ -97,6 +97,10 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
                         f"{memory.baseline / 2**30:.2f} GiB included), over the "
                         f"{limit / 2**30:.2f} GiB plans may use (they keep "
                         f"{1 - budget_search.BUDGET_MARGIN:.0%} of the budget in reserve)")
+    # pooled loops trim their heap past HEAP_BOUND times their live bytes (hostmem.Guard)
+    passes_ = tuple(replace(p, heap_bound=int(memory_model.HEAP_BOUND * max(m.forward,
+                                                                           m.backward)))
+                    if p.pool else p for p, m in zip(passes_, measured))
     estimate = Estimate(peak=int(peak), baseline=memory.baseline, stored=choice.stored_bytes,
                         work=plan_work(analysis, passes_), full_peak=memory.full_peak,
                         phases=tuple((ph.name, ph.bytes) for ph in phases))

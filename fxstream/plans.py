@@ -68,7 +68,7 @@ class Pass:
     tile_size: tuple[int | None, ...]  # the largest tile edge asked for, per axis
     redundancy: float  # pixels computed over all tiles / pixels of the source map
     view_input: bool  # tiles are views of the source (the pass only reads it), else copies
-    pool: bool  # the CPU backward reuses host pages across tiles (fxstream.hostmem)
+    pool: bool  # the CPU tile loops reuse host pages across tiles (fxstream.hostmem)
     keep: bool  # one tile, run with grad, graph kept for the backward (no recompute)
     random: bool  # the graph draws random numbers: each tile's RNG state is replayed
     offload: bool  # with a CUDA stem: its outputs are kept in pinned host memory
@@ -77,6 +77,9 @@ class Pass:
     # its maps among its outputs; each tile's outputs list the maps, then the summed tensors)
     segment: int = 0  # the segment (between stored maps) it belongs to
     step: int = 0  # its step in the segment: earlier steps' statistics are its side inputs
+    # a pooled loop's heap may hold this many bytes over what the process held when the loop
+    # began; past it the heap is trimmed after the tile (0: never; see fxstream.hostmem.Guard)
+    heap_bound: int = 0
 
     @property
     def num_tiles(self) -> int:

@@ -97,6 +97,8 @@ class PassEngine(nn.Module):
         tiles = feeder.iter_tiles(source, spec.tiles, self.device, feeder.tile_format(source),
                                   copy=not spec.view_input)
         shape = None
+        hostmem.trim(self.device)
+        guard = hostmem.Guard(self.device, spec.heap_bound)
         for t, (tile, xt) in enumerate(tiles):
             if tile.lengths != shape:  # tiles of one shape reuse the pooled pages; a new
                 shape = tile.lengths  # shape starts from a trimmed heap
@@ -108,6 +110,7 @@ class PassEngine(nn.Module):
                 with hostmem.long_lived():
                     outs = [_allocate(y, o.dims, o.sizes, store)
                             for y, o in zip(ys[:n_maps], spec.outputs)]
+                guard.allow(sum(o.untyped_storage().nbytes() for o in outs))  # filled by tiles
             for out, y, where in zip(outs, ys[:n_maps], tile.outputs):
                 if where is not None:
                     out[where[0]] = y[where[1]]
@@ -117,6 +120,7 @@ class PassEngine(nn.Module):
                     partials[j][t] = reductions.partial(s, ys[n_maps + j][where[1]])
             del ys, xt
             hostmem.release(self.device)
+            guard.after_tile()
         return tuple(outs) + tuple(_stack(p) for p in partials)
 
     def _run_whole(self, source, side):
@@ -219,6 +223,8 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
     tiles = feeder.iter_tiles(src, spec.tiles, device, feeder.tile_format(source), copy)
     states = ctx.rng if ctx.rng is not None else [None] * spec.num_tiles
     shape = None
+    hostmem.trim(device)
+    guard = hostmem.Guard(device, spec.heap_bound if not create_graph else 0)
     for t, ((tile, xt), state) in enumerate(zip(tiles, states)):
         if tile.lengths != shape:  # tiles of one shape reuse the pooled pages; a new shape
             shape = tile.lengths  # starts from a trimmed heap
@@ -268,6 +274,7 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
                     acc[i] = acc[i] + g if create_graph else acc[i].add_(g)
         del ys, outs, gouts, got, xt
         hostmem.release(device)
+        guard.after_tile()
     # gradients for every side input slot (None where not wanted or not a tensor)
     it = iter(gside)
     gside_all = [next(it) if w and isinstance(s, torch.Tensor) else None

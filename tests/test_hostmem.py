@@ -78,6 +78,37 @@ def test_long_lived_tensors_are_mapped_outside_the_pooled_heap():
     assert in_heap < MiB and mapped >= 8 * MiB
 
 
+GUARD_PROBE = """
+import torch
+from fxstream import hostmem
+
+cpu = torch.device("cpu")
+MiB = 2**20
+out = []
+for bound in (64 * MiB, 512 * MiB):
+    with hostmem.tile_pool(cpu, tiles=2):
+        guard = hostmem.Guard(cpu, bound)
+        start = hostmem.rss()
+        chunks = [torch.ones(4 * MiB // 4) for _ in range(40)]  # 160 MiB from the pooled heap
+        del chunks  # freed: the pool keeps the pages
+        kept = hostmem.rss() - start
+        guard.after_tile()
+        out += [kept, hostmem.rss() - start]
+print(*out)
+"""
+
+
+@glibc
+def test_the_guard_trims_a_pooled_heap_past_its_bound_only():
+    """In a fresh process: after a tile, a heap holding more than the bound over the loop's
+    start is trimmed; one under it keeps its pages for the next tile."""
+    out = subprocess.run([sys.executable, "-c", GUARD_PROBE], capture_output=True, text=True,
+                         check=True).stdout.split()
+    kept_small, after_small, kept_large, after_large = map(int, out)
+    assert kept_small > 120 * MiB and after_small < 40 * MiB, "over the bound: trimmed"
+    assert kept_large > 120 * MiB and after_large > 120 * MiB, "under the bound: kept"
+
+
 def _grads(sm, x):
     sm.zero_grad()
     xx = x.clone().requires_grad_(True)
