@@ -245,7 +245,8 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
     ``tile_size``/``cuts`` fix that part of the plan. ``keep_graphs``: whether a one-tile
     segment may keep its graph for the backward instead of recomputing it (not with offloaded
     maps). ``corrections``: per ``(source, destination)`` segment, a factor on its estimated
-    memory (from an exact measurement). ``cache``: a dict kept between calls for the same
+    memory (from an exact measurement); the key ``None`` holds the factor for segments not
+    measured yet (default 1). ``cache``: a dict kept between calls for the same
     analysis and memory (segment costs do not change with the corrections). Raises
     :class:`PlanError` when nothing fits.
     """
@@ -292,7 +293,8 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
         if key not in seg_cache:
             seg_cache[key] = [o for tile, cost in segment_costs(src, dst)
                               for o in _options(cost, tile, dst is None, keep_graphs, pooled,
-                                                factor, corrections.get(key, 1.0))]
+                                                factor, corrections.get(
+                                                    key, corrections.get(None, 1.0)))]
         return seg_cache[key]
 
     points = [image, *chain]

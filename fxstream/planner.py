@@ -89,6 +89,9 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
         if peak <= limit:
             break
         corrections = _corrections(analysis, choice, passes_, phases, memory, corrections)
+        if attempt >= MEASURED_ATTEMPTS // 2:  # new segments keep appearing at the edge:
+            # estimate the unmeasured ones as the worst measured so far
+            corrections[None] = max(corrections.values())
     else:
         worst = max(phases, key=lambda ph: ph.bytes)
         raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
@@ -108,7 +111,7 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
 
 
 # how often the search is asked again when the measured plan exceeds the budget
-MEASURED_ATTEMPTS = 4
+MEASURED_ATTEMPTS = 6
 
 
 def plan_work(analysis, passes_) -> float:
@@ -209,7 +212,8 @@ def _corrections(analysis, choice, passes_, phases, memory, corrections):
         measured = max(ph.bytes for ph in phases if ph.name.split(" of ")[-1] in mine)
         own = choice.segment_mem[seg]
         if measured > memory.fixed + held + own and own > 0:
-            out[(src, dst)] = out.get((src, dst), 1.0) * (measured - memory.fixed - held) / own
+            used = out.get((src, dst), out.get(None, 1.0))  # the factor the search applied
+            out[(src, dst)] = used * (measured - memory.fixed - held) / own
         held += (_bytes(nodes[dst]) if dst is not None else 0) + choice.segment_held[seg]
     return out
 
