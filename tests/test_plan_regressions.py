@@ -121,3 +121,19 @@ def test_I_a_tile_below_the_smallest_legal_one_is_named_with_a_budget_too():
         with pytest.raises(fxstream.PlanError, match=r"tile_size 4 is too small on axis 0: the "
                                                      r"smallest legal tile for this model is 9"):
             fxstream.compile(net, tile_size=4, input_shape=(1, 3, 64, 64), **kwargs)
+
+
+@pytest.mark.parametrize("net,cuts", [
+    (lambda: nn.Sequential(nn.ReLU()), None),  # one tile, its graph kept: nothing to keep
+    (lambda: nn.Sequential(nn.MaxPool1d(2), nn.Conv1d(2, 2, 3, padding=1)), ["0"]),  # tiled
+], ids=["one_tile_kept", "tiled_after_a_cut"])
+def test_J_budget_plans_measure_a_pass_without_parameters(net, cuts):
+    """A pass with no parameters on an image that needs no gradient has no backward: the
+    budget planner's memory measurement back-propagated through it anyway (autograd refuses
+    outputs that do not require grad, and a grad() with no inputs)."""
+    shape = (1, 2, 48)
+    sm = fxstream.compile(net(), tile_size=16, input_shape=shape, memory_budget="64GiB",
+                          cuts=cuts)
+    assert sm.plan(shape).passes[0].num_tiles >= 1
+    result = exact(net(), shape, 16, memory_budget="64GiB", cuts=cuts)
+    assert result.num_tiles > 1 or cuts is None
