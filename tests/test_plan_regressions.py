@@ -137,3 +137,23 @@ def test_J_budget_plans_measure_a_pass_without_parameters(net, cuts):
     assert sm.plan(shape).passes[0].num_tiles >= 1
     result = exact(net(), shape, 16, memory_budget="64GiB", cuts=cuts)
     assert result.num_tiles > 1 or cuts is None
+
+
+@pytest.mark.parametrize("second", ["groupnorm", "instancenorm", "train_batchnorm"])
+def test_K_a_norm_right_after_a_norm_over_the_image_is_taken_apart_too(second):
+    """Norms over the image's statistics are rewritten one after the other; the one after a
+    rewritten norm read a new node without a recorded shape and was left whole: the stem ended
+    there (GroupNorm, InstanceNorm), or compile refused train-mode BatchNorm. (The first norm
+    has no affine: a per-channel norm after it would cancel its scale, whose gradient is then
+    zero in exact arithmetic and rounding noise of 1e-10 of its own size.)"""
+    torch.manual_seed(0)
+    norm = {"groupnorm": nn.GroupNorm(2, 4), "instancenorm": nn.InstanceNorm2d(4, affine=True),
+            "train_batchnorm": nn.BatchNorm2d(4)}[second]
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4, affine=False), norm,
+                        nn.Conv2d(4, 2, 3, padding=1))
+    net.eval()
+    norm.train(second == "train_batchnorm")
+    a = fxstream.analyze(net, (1, 2, 40, 36))
+    assert not a.global_rows, [(r.name, r.reason) for r in a.global_rows]
+    result = exact(net, (1, 2, 40, 36), 16)
+    assert result.num_tiles > 1
