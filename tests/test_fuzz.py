@@ -30,7 +30,8 @@ Profiles:
   the long profile is derandomized too). ``FXSTREAM_FUZZ_KEEP_GOING=1`` goes on past failing
   cases (without shrinking them) and prints them all at the end; on a 2-core machine a long
   run is split into processes with different seeds, e.g. ``FXSTREAM_FUZZ_EXAMPLES=1000
-  FXSTREAM_FUZZ_SEED=1`` and ``...SEED=2``.
+  FXSTREAM_FUZZ_SEED=1`` and ``...SEED=2``. ``FXSTREAM_FUZZ_LOG=<path>`` keeps the statistics
+  so far and the failing cases in a JSON file, rewritten after every case.
 
 A failure: hypothesis shrinks it and prints the falsifying ``case`` (a :class:`Case` literal:
 its ``spec`` rebuilds the same model with :func:`tests.fuzz_stems.build`). To keep it, add a
@@ -44,6 +45,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import json
 import os
 import re
 import time
@@ -71,6 +73,8 @@ EXAMPLES = int(os.environ.get("FXSTREAM_FUZZ_EXAMPLES", QUICK_EXAMPLES))
 SEED = os.environ.get("FXSTREAM_FUZZ_SEED")
 # a long run goes on past failures (no shrinking) and lists them all at the end
 KEEP_GOING = os.environ.get("FXSTREAM_FUZZ_KEEP_GOING") == "1"
+# a file that holds the statistics so far (rewritten after every case) and the failing cases
+LOG = os.environ.get("FXSTREAM_FUZZ_LOG")
 # the budget plans' tile options, for images of tens of pixels (the library's start at 256)
 SMALL_TILE_OPTIONS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 SIZES = {1: (24, 160), 2: (12, 44), 3: (6, 13)}
@@ -428,6 +432,10 @@ def test_streamed_random_stems_equal_the_full_image():
                 raise
             stats[f"FAILED: {type(e).__name__}"] += 1
             failures.append(f"{case!r}\n  {type(e).__name__}: {str(e)[:2000]}")
+        if LOG:
+            stats["wall seconds"] = round(time.perf_counter() - start)
+            with open(LOG, "w") as f:
+                json.dump({"stats": dict(stats), "failures": failures}, f, indent=1)
 
     if SEED is not None:
         fuzz = hypothesis.seed(int(SEED))(fuzz)
