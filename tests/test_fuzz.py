@@ -367,12 +367,14 @@ def _run_case(case: Case, stats: collections.Counter):
         sm = _compile(case, streamed, shape, analysis, stats)
     except fxstream.FxStreamError as e:
         reason = _refusal(e)
+        if case.plan == "budget" and "too small on axis" in str(e):
+            raise AssertionError(f"a budget plan took a tile the exact plan refuses: {e}")
         stats[f"refused: {reason}"] += 1
         event(f"refused: {reason}")
         return
     plan = sm.plan(shape, torch.float64)
     tiles = [p.num_tiles for p in plan.passes]
-    if max(tiles) == 1:
+    if max(tiles, default=1) == 1:
         small = smallest_tile_size(analysis)
         stats["one tile: " + ("the smallest legal tile covers the image"
                               if all(t >= n for t, n in zip(small, sizes)) else
@@ -383,14 +385,23 @@ def _run_case(case: Case, stats: collections.Counter):
     gen = torch.Generator().manual_seed(spec.seed + 7)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     want, weights = _step(model, model, x, gen=gen, buffers=spec.train)
-    got, _ = _step(sm, streamed, x, weights, buffers=spec.train)
+    try:
+        got, _ = _step(sm, streamed, x, weights, buffers=spec.train)
+    except fxstream.PlanError as e:
+        # a budget's plan for an image that requires grad counts the image's gradient too: it
+        # is made at the first call, and may find that nothing fits
+        if case.plan != "budget" or "no plan fits a memory budget" not in str(e):
+            raise
+        stats["refused: memory budget too small (at the first call, with the image's "
+              "gradient)"] += 1
+        return
     assert list(got) == list(want), (list(got), list(want))
     bad = _compare(got, want)
     if bad:  # is the full image's own float64 rounding above the tolerance there?
         bad = _ill_conditioned(bad, want, pristine, x, weights, spec.train, stats)
     assert not bad, bad
 
-    multi = max(tiles) > 1
+    multi = max(tiles, default=1) > 1
     stats["streamed"] += 1
     stats[f"streamed, {'several tiles' if multi else 'one tile'}"] += 1
     stats[f"plan {case.plan}: streamed"] += 1
