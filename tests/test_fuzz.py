@@ -374,7 +374,7 @@ def _run_case(case: Case, stats: collections.Counter):
         return
     plan = sm.plan(shape, torch.float64)
     tiles = [p.num_tiles for p in plan.passes]
-    if max(tiles, default=1) == 1:
+    if tiles and max(tiles) == 1:
         small = smallest_tile_size(analysis)
         stats["one tile: " + ("the smallest legal tile covers the image"
                               if all(t >= n for t, n in zip(small, sizes)) else
@@ -402,6 +402,10 @@ def _run_case(case: Case, stats: collections.Counter):
     assert not bad, bad
 
     multi = max(tiles, default=1) > 1
+    if not tiles:
+        stats["nothing to stream (the image is the boundary): head only"] += 1
+        event("nothing to stream")
+        return
     stats["streamed"] += 1
     stats[f"streamed, {'several tiles' if multi else 'one tile'}"] += 1
     stats[f"plan {case.plan}: streamed"] += 1
