@@ -239,7 +239,7 @@ class _Option(NamedTuple):
 
 
 def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs: bool = True,
-                corrections=None, cache: dict | None = None) -> PlanChoice:
+                corrections=None, cache: dict | None = None, smallest=None) -> PlanChoice:
     """Cuts and tile sizes with the least estimated work under ``memory.budget``.
 
     ``tile_size``/``cuts`` fix that part of the plan. ``keep_graphs``: whether a one-tile
@@ -247,7 +247,9 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
     maps). ``corrections``: per ``(source, destination)`` segment, a factor on its estimated
     memory (from an exact measurement); the key ``None`` holds the factor for segments not
     measured yet (default 1). ``cache``: a dict kept between calls for the same
-    analysis and memory (segment costs do not change with the corrections). Raises
+    analysis and memory (segment costs do not change with the corrections). ``smallest``: per
+    ``(source, destination)`` segment, its smallest legal tile per axis where a plan found it
+    larger than the estimate allows (smaller tile options are left out). Raises
     :class:`PlanError` when nothing fits.
     """
     input_shape = analysis.input_shape
@@ -275,17 +277,21 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
 
     def segment_costs(src, dst):
         """(tile, cost) of the segment src -> dst for every tile size (None: no plan)."""
-        if (src, dst) not in cache:
+        low = (smallest or {}).get((src, dst))
+        if (src, dst, low) not in cache:
             found, whole = [], None
             layout = segment_layout(st, src, dst)
             for tile in sorted(tiles, key=max):
+                if low is not None and any(t < m for t, m in zip(tile, low)):
+                    found.append((tile, None))  # the exact plan refuses it
+                    continue
                 # a tile that already covers the input in one: larger ones plan the same
                 cost = whole or segment_cost(st, layout, tile)
                 if cost is not None and cost.tiles == 1:
                     whole = cost
                 found.append((tile, cost))
-            cache[(src, dst)] = found
-        return cache[(src, dst)]
+            cache[(src, dst, low)] = found
+        return cache[(src, dst, low)]
 
     def options(src, dst):
         """Every way to run the segment src -> dst (None: to the boundary)."""

@@ -257,11 +257,17 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
         with torch.enable_grad(), _Tracker(backend) as bwd:
             outs = engine._run_whole(source, side)
             kept = bwd.current - sum(o.untyped_storage().nbytes() for o in outs)
+            # outputs that need no gradient (no parameter, a source without grad) have no
+            # backward: autograd refuses them
+            outs = [o for o in outs if o.requires_grad]
             grads_in = [torch.ones_like(o) for o in outs]
-            torch.autograd.backward(outs, grads_in)
+            if outs:
+                torch.autograd.backward(outs, grads_in)
         backward = bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
         return PassMemory(max(forward, 0), max(backward, 0), kept if p.keep else 0)
     params = [q for q in graph.parameters() if q.requires_grad]
+    if not params and not source_grad:  # nothing to differentiate: the pass has no backward
+        return PassMemory(max(forward, 0), 0, 0)
     with torch.enable_grad():
         outs = StreamFunction.apply(engine, source, len(side), *side, *params)
         grads_in = [torch.ones_like(o) for o in outs]

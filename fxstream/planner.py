@@ -64,8 +64,10 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
     check_stem_sizes(analysis)
     cuts = resolve_cuts(analysis, options.cuts) if options.cuts is not None else None
     if options.memory_budget is None or (options.memory_budget == AUTO and
-                                         options.tile_size is not None):
-        # the user's tile size (and cuts) as asked: no budget, no estimate
+                                         options.tile_size is not None) or \
+            not split_segments(analysis, ()):
+        # the user's tile size (and cuts) as asked: no budget, no estimate (nor for a stem
+        # that streams nothing: the image itself is the boundary)
         n = len(split_segments(analysis, cuts or ()))
         pool = situation.device == "cpu" and pool_enabled()
         passes_ = build_passes(analysis, options, cuts or (), [options.tile_size] * n,
@@ -74,15 +76,27 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
     # 1. what the budget counts besides the passes: the process, gradients, the head
     memory = budget_memory(analysis, options, situation)
     limit = budget_search.BUDGET_MARGIN * memory.budget
-    corrections, cache, measured_cache = {}, {}, {}
+    corrections, cache, measured_cache, smallest = {}, {}, {}, {}
+    phases = []
     for attempt in range(MEASURED_ATTEMPTS):
         # 2. the search picks cuts, tiles and kept graphs with the per-node memory model
         choice = budget_search.choose_plan(analysis, memory, tile_size=options.tile_size,
                                            cuts=cuts, keep_graphs=not options.offload,
-                                           corrections=corrections, cache=cache)
+                                           corrections=corrections, cache=cache,
+                                           smallest=smallest)
         # 3. the segments' tiles, checked on the meta device, lowered to index tuples
-        passes_ = build_passes(analysis, options, choice.cuts, choice.segment_tiles,
-                               choice.segment_pool, choice.segment_keep)
+        try:
+            passes_ = build_passes(analysis, options, choice.cuts, choice.segment_tiles,
+                                   choice.segment_pool, choice.segment_keep)
+        except PlanError:
+            # the search's estimate took a tile that the exact plan refuses (an op fails on
+            # it): ask again without the tiles below each chosen segment's smallest legal one
+            found = _smallest_tiles(analysis, choice.cuts)
+            if options.tile_size is not None or all(smallest.get(k) == v
+                                                    for k, v in found.items()):
+                raise
+            smallest.update(found)
+            continue
         # 4. the plan measured: the runtime's code on the meta device, pass by pass
         measured, phases = measure_plan(analysis, passes_, choice.cuts, memory, measured_cache)
         peak = max(ph.bytes for ph in phases)
@@ -93,6 +107,10 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
             # estimate the unmeasured ones as the worst measured so far
             corrections[None] = max(corrections.values())
     else:
+        if not phases:
+            raise PlanError(f"no legal plan found for a memory budget of "
+                            f"{memory.budget / 2**30:.2f} GiB for input "
+                            f"{tuple(analysis.input_shape)}")
         worst = max(phases, key=lambda ph: ph.bytes)
         raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
                         f"input {tuple(analysis.input_shape)}: the best found measures "
@@ -271,10 +289,24 @@ def plan_segment(analysis: Analysis, seg: Segment, tile_size, step=None) -> Tile
                       valid=validator(analysis, seg, step))
 
 
+def _smallest_tiles(analysis: Analysis, cuts) -> dict:
+    """Per ``(source, destination)`` segment between ``cuts``: its smallest legal tile per axis
+    (every step of it), in its own input's pixels."""
+    out = {}
+    for seg, dst in zip(split_segments(analysis, cuts), (*cuts, None)):
+        sizes = [smallest_tile(seg.sizes, step.align, step.geometry,
+                               validator(analysis, seg, step)) for step in seg.steps]
+        out[(seg.source, dst)] = tuple(max(s[k] for s in sizes) for k in range(len(seg.sizes)))
+    return out
+
+
 def smallest_tile_size(analysis: Analysis, cuts=()) -> tuple[int, ...]:
     """Per spatial axis, the smallest ``tile_size`` that has a legal plan for the first segment
     (the one that reads the image), every step of it."""
-    seg = split_segments(analysis, resolve_cuts(analysis, cuts))[0]
+    segs = split_segments(analysis, resolve_cuts(analysis, cuts))
+    if not segs:  # nothing is streamed (the image is the boundary): any tile will do
+        return (1,) * (len(analysis.input_shape) - 2)
+    seg = segs[0]
     sizes = [smallest_tile(seg.sizes, step.align, step.geometry, validator(analysis, seg, step))
              for step in seg.steps]
     return tuple(max(s[k] for s in sizes) for k in range(len(seg.sizes)))

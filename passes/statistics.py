@@ -129,6 +129,8 @@ def decompose_statistics(gm: fx.GraphModule) -> bool:
         for new in (stats, weight, bias, y) + ((update, *buffers) if running else ()):
             if new is not None:
                 _inherit(new, node)
+        # the norm's output shape, for a norm right after this one (its input is now ``y``)
+        y.meta["tensor_meta"] = node.meta.get("tensor_meta")
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         changed = True

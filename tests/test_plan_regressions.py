@@ -121,3 +121,87 @@ def test_I_a_tile_below_the_smallest_legal_one_is_named_with_a_budget_too():
         with pytest.raises(fxstream.PlanError, match=r"tile_size 4 is too small on axis 0: the "
                                                      r"smallest legal tile for this model is 9"):
             fxstream.compile(net, tile_size=4, input_shape=(1, 3, 64, 64), **kwargs)
+
+
+@pytest.mark.parametrize("net,cuts", [
+    (lambda: nn.Sequential(nn.ReLU()), None),  # one tile, its graph kept: nothing to keep
+    (lambda: nn.Sequential(nn.MaxPool1d(2), nn.Conv1d(2, 2, 3, padding=1)), ["0"]),  # tiled
+], ids=["one_tile_kept", "tiled_after_a_cut"])
+def test_J_budget_plans_measure_a_pass_without_parameters(net, cuts):
+    """A pass with no parameters on an image that needs no gradient has no backward: the
+    budget planner's memory measurement back-propagated through it anyway (autograd refuses
+    outputs that do not require grad, and a grad() with no inputs)."""
+    shape = (1, 2, 48)
+    sm = fxstream.compile(net(), tile_size=16, input_shape=shape, memory_budget="64GiB",
+                          cuts=cuts)
+    assert sm.plan(shape).passes[0].num_tiles >= 1
+    result = exact(net(), shape, 16, memory_budget="64GiB", cuts=cuts)
+    assert result.num_tiles > 1 or cuts is None
+
+
+@pytest.mark.parametrize("second", ["groupnorm", "instancenorm", "train_batchnorm"])
+def test_K_a_norm_right_after_a_norm_over_the_image_is_taken_apart_too(second):
+    """Norms over the image's statistics are rewritten one after the other; the one after a
+    rewritten norm read a new node without a recorded shape and was left whole: the stem ended
+    there (GroupNorm, InstanceNorm), or compile refused train-mode BatchNorm. (The first norm
+    has no affine: a per-channel norm after it would cancel its scale, whose gradient is then
+    zero in exact arithmetic and rounding noise of 1e-10 of its own size.)"""
+    torch.manual_seed(0)
+    norm = {"groupnorm": nn.GroupNorm(2, 4), "instancenorm": nn.InstanceNorm2d(4, affine=True),
+            "train_batchnorm": nn.BatchNorm2d(4)}[second]
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4, affine=False), norm,
+                        nn.Conv2d(4, 2, 3, padding=1))
+    net.eval()
+    norm.train(second == "train_batchnorm")
+    a = fxstream.analyze(net, (1, 2, 40, 36))
+    assert not a.global_rows, [(r.name, r.reason) for r in a.global_rows]
+    result = exact(net, (1, 2, 40, 36), 16)
+    assert result.num_tiles > 1
+
+
+def test_L_a_budget_never_takes_a_tile_the_exact_plan_refuses(monkeypatch):
+    """The budget search estimates tiles from the geometry; the exact plan then runs the
+    segments on the meta device, where a U-Net's pad-to-match needs larger tiles. The search
+    took tile 16 for a segment whose smallest legal tile is 22 and the plan failed with the
+    tile-size error of a user's tile_size (no tile size was given). It now asks again without
+    the refused tiles: here nothing else fits, and the error says so."""
+    from fxstream.planner import PlanOptions, Situation, make_plan
+
+    from .fuzz_stems import Spec, build
+
+    conv = (("bias", True), ("d", 1), ("g", 4), ("mode", "zeros"), ("s", 2))
+    spec = Spec(ndim=2, channels=4, seed=363, head="mean_linear", aux_conv=True, blocks=(
+        ("unet", (("down", "conv_s2_p1"), ("inner", (("in", (("affine", False),)),
+                                                     ("bn", (("momentum", 0.1),)))),
+                  ("up", "convT"))),
+        ("crop", (("hi", 2), ("how", "slice"), ("lo", 0), ("step", 1))),
+        ("conv", conv + (("fn", False), ("k", (3, 1)), ("p", 3))),
+        ("conv", tuple((k, 1 if k == "g" else v) for k, v in conv) +
+         (("fn", True), ("k", 4), ("p", 2))),
+        ("act", (("fn", "tanh"),)),
+        ("unet", (("down", "conv_s2_p1"), ("inner", ()), ("up", "linear")))))
+    monkeypatch.setattr("fxstream.budget.TILE_OPTIONS", (4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
+    analysis = fxstream.analyze(build(spec), (1, 4, 70, 70))
+    with pytest.raises(fxstream.PlanError, match="no plan fits a memory budget"):
+        make_plan(analysis, PlanOptions(memory_budget=650000),
+                  Situation(baseline=0, image_grad=True))
+    plan = make_plan(analysis, PlanOptions(memory_budget=700000),
+                     Situation(baseline=0, image_grad=True))
+    assert plan.passes[0].num_tiles > 1
+
+
+class CircularFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")
+
+    def forward(self, x):
+        return self.c(x).mean((2, 3))
+
+
+def test_M_a_budget_for_a_stem_that_streams_nothing():
+    """Circular padding first: the stem is the image alone (nothing to stream). The budget
+    search had no segment to weigh and failed (max() of an empty sequence)."""
+    sm = fxstream.compile(CircularFirst(), input_shape=(1, 2, 24, 24), memory_budget="64GiB")
+    assert sm.plan((1, 2, 24, 24)).passes == ()
+    exact(CircularFirst(), (1, 2, 24, 24), None, memory_budget="64GiB")
