@@ -46,7 +46,7 @@ def output_map(built) -> tuple[str, tuple[int, ...], torch.dtype]:
     driver = built.driver
     out = next(n for n in driver.graph.nodes if n.op == "output")
     value = out.args[0]
-    model = built.analysis.model_name if hasattr(built.analysis, "model_name") else "the model"
+    model = built.analysis.model
     if not (isinstance(value, fx.Node) and value.op == "call_function"
             and value.target is operator.getitem and _is_pass(value.args[0])
             and len(value.users) == 1):

@@ -286,6 +286,10 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
                 part = reductions.partial(s, ys[n_maps + j][where[1]])
                 outs.append(part)
                 gouts.append(g[t].to(device=part.device, dtype=part.dtype))
+        # outputs that depend on nothing differentiable (a statistic of an image that wants
+        # no gradient, in a pass whose other outputs read the parameters) add nothing
+        pairs = [(o, g) for o, g in zip(outs, gouts) if o.requires_grad]
+        outs, gouts = [o for o, _ in pairs], [g for _, g in pairs]
         if not outs:
             engine.notify("backward", t + 1)
             continue
