@@ -17,14 +17,16 @@ class TileProgress:
     Args:
         console: a ``rich.console.Console`` to draw on (default: stderr).
         transient: remove each bar when its pass ends (default True); False leaves a line.
+        bars: a started ``rich.progress.Progress`` of the caller's (an epoch bar, say) to add
+            the pass bars to, instead of a display of its own (which rich allows one of).
 
     Example:
         >>> p = TileProgress()
         >>> p(0, "forward", 0, 2); p(0, "forward", 1, 2); p(0, "forward", 2, 2)
     """
 
-    def __init__(self, console=None, transient: bool = True):
-        self.console, self.transient = console, transient
+    def __init__(self, console=None, transient: bool = True, bars=None):
+        self.console, self.transient, self.bars = console, transient, bars
         self._live = None  # the rich Progress while some bar is shown
         self._tasks: dict[tuple[int, str], int] = {}
 
@@ -41,11 +43,13 @@ class TileProgress:
             task = self._tasks.pop(key)
             if self.transient:
                 live.remove_task(task)
-            if not self._tasks:
+            if not self._tasks and self.bars is None:
                 live.stop()
                 self._live = None
 
     def _start(self):
+        if self._live is None and self.bars is not None:
+            self._live = self.bars
         if self._live is None:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -62,12 +66,13 @@ class TileProgress:
 
     def close(self) -> None:
         """Stop drawing (bars of passes interrupted by an error are removed)."""
-        if self._live is not None:
+        if self._live is not None and self.bars is None:
             self._live.stop()
         self._live, self._tasks = None, {}
 
     def __getstate__(self):
-        return {"console": None, "transient": self.transient, "_live": None, "_tasks": {}}
+        return {"console": None, "transient": self.transient, "bars": None, "_live": None,
+                "_tasks": {}}
 
 
 def _rate_column():

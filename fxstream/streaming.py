@@ -271,7 +271,7 @@ class StreamingModule(nn.Module):
 
 def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_modules=(),
             input_shape=None, cuts=None, memory_budget=AUTO, offload: bool = False,
-            cudnn_benchmark: bool = False, progress: bool = False) -> StreamingModule:
+            cudnn_benchmark: bool = False, progress=False) -> StreamingModule:
     """Compile ``model`` into a :class:`StreamingModule` that streams its local stem.
 
     Plans are made per input shape (and mode): without ``tile_size`` or ``memory_budget`` each
@@ -305,8 +305,9 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
             inside the tile loops (restored after). Off by default: cuDNN may then pick
             algorithms whose workspace no memory budget counts (on an H200, ResNet-18 at 4096²
             under a 1.75 GiB budget peaked at 33 GiB with it).
-        progress: draw a progress bar per streamed pass on stderr (tiles done, rate, time
-            left; :class:`fxstream.progress.TileProgress`).
+        progress: True to draw a progress bar per streamed pass on stderr (tiles done, rate,
+            time left), or a :class:`fxstream.progress.TileProgress` to draw them with (e.g.
+            one adding its bars to the caller's own rich ``Progress``).
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
 
@@ -322,6 +323,8 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
     options = _options(tile_size, split, leaf_modules, cuts, memory_budget, offload,
                        cudnn_benchmark, progress)
     sm = StreamingModule(model, options)
+    if isinstance(progress, TileProgress):
+        object.__setattr__(sm, "progress", progress)
     # the pipeline, now, for the shape given (or a probe shape): errors show here
     if input_shape is None:
         input_shape = probe_shape(model, options.leaf_modules)
