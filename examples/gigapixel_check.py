@@ -144,7 +144,7 @@ def train_step(model, args) -> dict:
     loss.backward()
     opt.step()
     t2 = time.perf_counter()
-    plan = sm._last.plan
+    plan = sm.last_plan
     return {"image": str(args.image), "shape": list(img.shape), "dtype": str(img.dtype),
             "loss": float(loss.detach()), "forward_s": round(t1 - t0, 1), "step_s": round(t2 - t0, 1),
             "rss_before_gib": gib(before), "peak_rss_gib": gib(peak_rss()),
@@ -188,7 +188,7 @@ def run_unet(args) -> dict:
     result = {"image": str(args.image), "shape": list(img.shape), "out": str(args.out),
               "infer_s": round(elapsed, 1), "rss_before_gib": gib(before),
               "peak_rss_gib": gib(peak), "budget": args.budget if not args.tile else None,
-              "tiles": [p.num_tiles for p in sm._last.plan.passes]}
+              "tiles": [p.num_tiles for p in sm.last_plan.passes]}
     if args.check_region:
         r, margin = args.check_region, 64
         y0 = x0 = (min(h, w) // 2 - r // 2) // 4 * 4

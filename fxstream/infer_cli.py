@@ -99,7 +99,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if shape[0] != 1:
         raise SpecError(f"the image has {shape[0]} batch items: fxstream infer writes one")
     out = open_target(args.out, shape, args.out_dtype, args.overwrite, args.chunk)
-    plan = sm._last.plan
+    plan = sm.last_plan
     err.print(f"{img!r}\n  -> {args.out} {tuple(shape[1:])} {args.out_dtype}: "
               f"{len(plan.passes)} pass(es), {[p.num_tiles for p in plan.passes]} tiles of "
               f"{[list(p.tile_size) for p in plan.passes]}")

@@ -127,6 +127,11 @@ class StreamingModule(nn.Module):
         return self._last.analysis if self._last is not None else None
 
     @property
+    def last_plan(self) -> Plan | None:
+        """The :class:`~fxstream.plans.Plan` of the last call (or of compile's input shape)."""
+        return self._last.plan if self._last is not None else None
+
+    @property
     def engines(self) -> tuple:
         """The :class:`~fxstream.runtime.PassEngine` of each pass of the last plan used."""
         if self._last is None or self._last.driver is None:

@@ -161,7 +161,8 @@ def test_budget_plans_read_the_image_in_its_dtype_and_keep_it_out_of_memory(slid
     img = fxstream.image(slides["rgb"])
     sm = fxstream.compile(model(), memory_budget="2GiB")
     step(sm, img)
-    assert sm.analysis.dtype == "torch.uint8"
+    assert sm.analysis.dtype == "torch.uint8" and sm.last_plan.dtype == "torch.uint8"
+    assert sm.last_plan.budget == 2 * 2**30
     analysis = sm.analysis
     options = PlanOptions(memory_budget="2GiB")
     image_bytes = 232 * 200 * 3
