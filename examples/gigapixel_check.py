@@ -11,6 +11,20 @@ its time and peak resident memory (VmHWM) as one JSON line.
 ``write`` makes a synthetic RGB slide fast and in bounded memory: uncompressed 512² tiles, each
 a fixed random block mixed with its tile coordinates (no JPEG: writing a 65,536² slide with
 ``make_slides.py`` takes about half an hour of CPU). These are checks to run by hand, not tests.
+
+Measured 2026-12-02 on the shared 2-core CPU machine (load average 5-9 from other work, so
+times are several times what an idle machine gives; peak RSS is VmHWM of the run's process,
+torch/zarr/tifffile imports included, about 0.68 GiB before the model runs):
+
+- strided CNN, one training step, 65,536² uint8 RGB (12.9 GB uncompressed TIFF), budget 2.5GiB:
+  484 tiles of 3072², no cuts; 3631 s (forward 1552 s; 691 s user + 758 s system CPU); peak
+  RSS 1.83 GiB. At 16,384²: 180 s, 2.02 GiB (cut after features_5, 25 tiles of 4096²).
+- ResNet-18 (frozen BatchNorm, ImageNet normalisation in the stem), one training step, budget
+  3GiB: at 4096², 424 s, peak RSS 2.35 GiB (estimated 2.52 GiB; cuts after layer2.0 and
+  layer3.0's ReLUs, 9 tiles of 1536²). 16,384² was not run: about 16x that on this machine.
+- small U-Net inference into zarr (float32, 1024² chunks), budget 2.5GiB: at 8192², 284 s,
+  peak RSS 1.45 GiB during inference; a 4096² region equal (max abs diff 0.0) to the
+  in-memory streamed output of that region with a 64-pixel margin.
 """
 from __future__ import annotations
 
