@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--level", type=int, default=0, help="pyramid level to train on")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4,
-                   help="Adam learning rate (default 1e-4: BatchNorm is frozen, so larger
-                        first steps blow the logits up)")
+                   help="Adam learning rate (default 1e-4: BatchNorm is frozen, so larger "
+                        "first steps blow the logits up)")
     p.add_argument("--tile", type=int, help="tile size (instead of --budget)")
     p.add_argument("--budget", default="auto", help="memory budget, e.g. 4GiB (default auto)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
