@@ -145,7 +145,7 @@ def analyze_traced(gm: fx.GraphModule, name: str, input_shape, dtype: torch.dtyp
         _propagate_shapes(gm, input_shape, dtype, extra_inputs)
     # 3. geometry of every node (sympy), or the reason it is not local
     symbols = passes.infer_geometry(gm, input_shape)
-    _check_failures(gm, input_shape)
+    _check_failures(gm, input_shape, dtype)
     # 4. the stem and the boundary tensors it hands to the head
     boundary = _find_boundary(gm, split)
     _check_invariants(gm, boundary)
@@ -188,10 +188,18 @@ def _propagate_shapes(gm, input_shape, dtype, extra_inputs):
         raise GeometryError(
             f"the model fails on an input of shape {tuple(input_shape)} at node '{node.name}' "
             f"({passes.qualname(node) or 'top level'}; {passes.source_line(node)}): "
-            f"{e.cause} (is the image too small for the model?)") from e.cause
+            f"{e.cause} ({_hint(dtype)})") from e.cause
 
 
-def _check_failures(gm, input_shape):
+def _hint(dtype) -> str:
+    """What most often makes a model fail on a valid image of this dtype."""
+    if dtype is not None and not dtype.is_floating_point and not dtype.is_complex:
+        return (f"the image is {dtype}, as stored: convert it in the model's forward, e.g. "
+                f"x = x.float() / 255, or is the image too small for the model?")
+    return "is the image too small for the model?"
+
+
+def _check_failures(gm, input_shape, dtype=None):
     """A node that failed on the meta device is an error unless it lies past a non-local node
     or a whole-image reduction (in the head, which runs as the model does: a join of the
     pooled features with another input, a ``.item()``)."""
@@ -204,8 +212,8 @@ def _check_failures(gm, input_shape):
             raise GeometryError(
                 f"the model fails on an input of shape {tuple(input_shape)} at node "
                 f"'{node.name}' ({passes.qualname(node) or 'top level'}; "
-                f"{passes.source_line(node)}): {type(error).__name__}: {error} (is the image "
-                "too small for the model?)") from error
+                f"{passes.source_line(node)}): {type(error).__name__}: {error} "
+                f"({_hint(dtype)})") from error
 
 
 def _find_boundary(gm, split):

@@ -1,6 +1,7 @@
 """The ``fxstream`` command line.
 
     fxstream analyze torchvision.models:resnet50 --input 1x3x8192x8192 --tile 2048
+    fxstream infer models/unet.py:build --image slide.tif --out pred.zarr --budget 4GiB
 
 Each subcommand is one ``add_<name>`` function that registers its parser and the function that
 runs it; :data:`COMMANDS` lists them. A run function takes the parsed arguments and returns the
@@ -14,6 +15,7 @@ import argparse
 import sys
 
 from .errors import FxStreamError
+from .infer_cli import add_infer
 
 PROG = "fxstream"
 SPEC_HELP = ("model SPEC: 'package.module:callable' (e.g. torchvision.models:resnet50), "
@@ -229,6 +231,7 @@ COMMANDS = {
     "analyze": add_analyze,
     "check": add_check,
     "bench": add_bench,
+    "infer": add_infer,
 }
 
 

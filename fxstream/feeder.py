@@ -6,6 +6,10 @@ must not write into the image or a stored map that other tiles read). For a host
 CUDA stem the next tile is fetched while the current one computes: its slice is gathered into
 pinned host memory and copied on a side stream, and the compute stream waits on that copy's
 event only when it needs the tile.
+
+The source may also be a lazily read :class:`~fxstream.images.Image` (a slide, zarr array or
+memmap): each tile's region is read from it when the tile is needed, as a fresh tensor of the
+stored dtype, and only that region is ever in memory.
 """
 from __future__ import annotations
 
@@ -14,11 +18,20 @@ from typing import Iterator
 
 import torch
 
+from .images import Image
 
-def tile_format(x: torch.Tensor):
+
+def is_lazy(x) -> bool:
+    """Whether ``x`` is a lazily read image (tiles are read from it, never viewed)."""
+    return isinstance(x, Image)
+
+
+def tile_format(x):
     """``torch.channels_last`` for a 4-d tensor stored channels-last, else contiguous format:
     tiles follow the layout of the image (so a channels-last model gets channels-last tiles), and
     stored maps that of the tile outputs."""
+    if is_lazy(x):
+        return torch.contiguous_format
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last):
         return torch.channels_last
@@ -29,12 +42,14 @@ def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguou
                copy: bool = True) -> Iterator[tuple[object, torch.Tensor]]:
     """Yield ``(tile, input)`` for every tile: the input on ``device`` in ``fmt``, a fresh
     tensor, or with ``copy=False`` a view of ``x`` (in ``x``'s layout) where ``x`` is already
-    on ``device``."""
-    if device.type == "cuda" and x.device.type == "cpu":
+    on ``device``. A lazy image's tiles are always read afresh."""
+    if device.type == "cuda" and (is_lazy(x) or x.device.type == "cpu"):
         yield from _prefetched(x, tiles, device, fmt)
         return
     for tile in tiles:
-        if not copy and x.device == device:
+        if is_lazy(x):
+            yield tile, read_tile(x, tile, device, fmt)
+        elif not copy and x.device == device:
             yield tile, x[tile.region]
         else:
             yield tile, copy_tile(x, tile, device, fmt)
@@ -42,7 +57,19 @@ def iter_tiles(x: torch.Tensor, tiles, device: torch.device, fmt=torch.contiguou
 
 def copy_tile(x: torch.Tensor, tile, device: torch.device, fmt=torch.contiguous_format):
     """A fresh (differentiable) copy of one tile's slice of ``x`` on ``device`` in ``fmt``."""
+    if is_lazy(x):
+        return read_tile(x, tile, device, fmt)
     return x[tile.region].to(device, copy=True).contiguous(memory_format=fmt)
+
+
+def read_tile(image: Image, tile, device: torch.device, fmt=torch.contiguous_format):
+    """One tile's region read from a lazy image (a fresh host tensor) and moved to ``device``."""
+    return image.read(tile.region).to(device).contiguous(memory_format=fmt)
+
+
+def _gather(x, region):
+    """A tile's slice of ``x``: a view of a tensor, or the region read from a lazy image."""
+    return x.read(region) if is_lazy(x) else x[region]
 
 
 def _prefetched(x, tiles, device, fmt):
@@ -50,7 +77,7 @@ def _prefetched(x, tiles, device, fmt):
     compute = torch.cuda.current_stream(device)
 
     def fetch(tile):
-        src = x[tile.region]
+        src = _gather(x, tile.region)
         # pinned: the host->device copy is asynchronous; the caching host allocator keeps the
         # buffer until that copy has finished, even after it is dropped here
         # on the host whatever torch's default device is (pinning applies to CPU tensors only)
@@ -90,4 +117,4 @@ def device_settings(device: torch.device, benchmark: bool = False):
         cudnn.benchmark = before
 
 
-__all__ = ["copy_tile", "device_settings", "iter_tiles", "tile_format"]
+__all__ = ["copy_tile", "device_settings", "is_lazy", "iter_tiles", "read_tile", "tile_format"]

@@ -52,6 +52,8 @@ class Situation:
     baseline: int | None = None  # memory in use now (None: measured when planning)
     image_resident: bool = False  # the image is already in memory (counted in the baseline)
     image_grad: bool = False  # the image requires grad (its gradient is a full-size map)
+    image_lazy: bool = False  # the image is read tile by tile (fxstream.images): never whole
+    output_written: bool = False  # the boundary maps go tile by tile into the user's arrays
     available: int | None = None  # memory the process can reach (None: asked when planning)
 
 
@@ -173,9 +175,10 @@ def budget_memory(analysis, options: PlanOptions, situation: Situation):
     nodes = {n.name: n for n in gm.graph.nodes}
     image = _bytes(nodes[image_node(gm).name])
     params = sum(p.numel() * p.element_size() for p in gm.parameters() if p.requires_grad)
-    boundary = sum(_bytes(nodes[b]) for b in analysis.boundary if b != image_node(gm).name)
-    fixed = baseline + params + (0 if situation.image_resident else image) + 2 * boundary \
-        + memory_model.head_bytes(analysis)
+    boundary = 0 if situation.output_written else \
+        sum(_bytes(nodes[b]) for b in analysis.boundary if b != image_node(gm).name)
+    loaded = 0 if situation.image_resident or situation.image_lazy else image
+    fixed = baseline + params + loaded + 2 * boundary + memory_model.head_bytes(analysis)
     full_peak = None
     device_type = torch.device(situation.device).type
     if options.memory_budget == AUTO:

@@ -7,6 +7,11 @@ the side inputs are summed over tiles and returned once (so DDP's hooks fire onc
 gradient itself is differentiated (``create_graph=True``, gradient penalties) the per-tile
 backward builds its graph too, so double backward is exact (it then holds every tile's graph).
 
+Two things come from the caller rather than the plan: an *observer*, given at construction,
+called after every tile (progress bars: :mod:`fxstream.progress`), and *sinks*, set for one call
+with :func:`writing_into`, which receive a map's owned tile outputs instead of a full-size map
+(dense outputs written tile by tile, never whole in memory).
+
 Everything decided once per plan lives in the :class:`~fxstream.plans.Pass` value: its tiles,
 whether a tile is a view of the source or a copy, whether the backward pools host memory,
 whether a one-tile pass keeps its graph, whether random states are replayed.
@@ -14,12 +19,33 @@ whether a one-tile pass keeps its graph, whether random states are replayed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from . import feeder, hostmem, reductions
 from .plans import Pass
+
+
+# (pass index, phase "forward"/"backward", tiles done, tiles in the pass): called with 0 done
+# before the first tile, then after each
+Observer = Callable[[int, str, int, int], None]
+
+_SINKS: contextvars.ContextVar[dict] = contextvars.ContextVar("fxstream_sinks", default={})
+
+
+@contextlib.contextmanager
+def writing_into(sinks: dict):
+    """Within this block, a pass's map named in ``sinks`` (fx node name -> writable array-like,
+    ``sink[index] = tensor`` with ``index`` a tuple of slices into the full map) is written
+    there tile by tile, and the pass returns None in its place."""
+    token = _SINKS.set(dict(sinks))
+    try:
+        yield
+    finally:
+        _SINKS.reset(token)
 
 
 def _as_tuple(out):
@@ -50,12 +76,19 @@ class PassEngine(nn.Module):
     """Runs one :class:`~fxstream.plans.Pass`. It owns no parameters: its graph's parameters are
     the user's (held outside ``nn.Module`` registration, so ``state_dict`` stays the model's)."""
 
-    def __init__(self, spec: Pass, device: torch.device, cudnn_benchmark: bool = False):
+    def __init__(self, spec: Pass, device: torch.device, cudnn_benchmark: bool = False,
+                 observer: Optional[Observer] = None):
         super().__init__()
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "graph", spec.graph)
+        object.__setattr__(self, "observer", observer)
         self.device = device
         self.cudnn_benchmark = cudnn_benchmark
+
+    def notify(self, phase: str, done: int) -> None:
+        """Tell the observer (if any) that ``done`` tiles of ``phase`` have run."""
+        if self.observer is not None:
+            self.observer(self.spec.index, phase, done, self.spec.num_tiles)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -72,7 +105,7 @@ class PassEngine(nn.Module):
         if self.device.type == "cpu":
             hostmem.fix_thresholds()  # what the memory model assumes of malloc
         params = tuple(p for p in self.graph.parameters() if p.requires_grad)
-        needs_grad = source.requires_grad or params or any(
+        needs_grad = _requires_grad(source) or params or any(
             isinstance(s, torch.Tensor) and s.requires_grad for s in side)
         if torch.is_grad_enabled() and needs_grad:
             if self.spec.keep:
@@ -92,6 +125,8 @@ class PassEngine(nn.Module):
         spec, store = self.spec, self.store_device()
         side = _on(side, self.device)
         n_maps = len(spec.outputs)
+        sinks = _SINKS.get()
+        sinks = [sinks.get(o.name) for o in spec.outputs]
         outs = None
         partials = [[None] * spec.num_tiles for _ in spec.sums]
         tiles = feeder.iter_tiles(source, spec.tiles, self.device, feeder.tile_format(source),
@@ -99,6 +134,7 @@ class PassEngine(nn.Module):
         shape = None
         hostmem.trim(self.device)
         guard = hostmem.Guard(self.device, spec.heap_bound)
+        self.notify("forward", 0)
         for t, (tile, xt) in enumerate(tiles):
             if tile.lengths != shape:  # tiles of one shape reuse the pooled pages; a new
                 shape = tile.lengths  # shape starts from a trimmed heap
@@ -108,9 +144,10 @@ class PassEngine(nn.Module):
             ys = _as_tuple(self.graph(xt, *side))
             if outs is None:  # shapes, dtype and layout from the first (largest) tile
                 with hostmem.long_lived():
-                    outs = [_allocate(y, o.dims, o.sizes, store)
-                            for y, o in zip(ys[:n_maps], spec.outputs)]
-                guard.allow(sum(o.untyped_storage().nbytes() for o in outs))  # filled by tiles
+                    outs = [sink if sink is not None else _allocate(y, o.dims, o.sizes, store)
+                            for y, o, sink in zip(ys[:n_maps], spec.outputs, sinks)]
+                guard.allow(sum(o.untyped_storage().nbytes() for o, sink in zip(outs, sinks)
+                                if sink is None))  # filled by the tiles, not the heap
             for out, y, where in zip(outs, ys[:n_maps], tile.outputs):
                 if where is not None:
                     out[where[0]] = y[where[1]]
@@ -121,6 +158,8 @@ class PassEngine(nn.Module):
             del ys, xt
             hostmem.release(self.device)
             guard.after_tile()
+            self.notify("forward", t + 1)
+        outs = [None if sink is not None else out for out, sink in zip(outs, sinks)]
         return tuple(outs) + tuple(_stack(p) for p in partials)
 
     def _run_whole(self, source, side):
@@ -128,7 +167,7 @@ class PassEngine(nn.Module):
         stay alive until the backward, which then needs no recompute (a memory budget counts
         them). A pass that may write its input gets a copy of it."""
         (tile,) = self.spec.tiles
-        if self.spec.view_input and source.device == self.device:
+        if self.spec.view_input and not feeder.is_lazy(source) and source.device == self.device:
             xt = source
         else:
             xt = feeder.copy_tile(source, tile, self.device, feeder.tile_format(source))
@@ -138,6 +177,11 @@ class PassEngine(nn.Module):
         sums = tuple(reductions.partial(s, ys[n_maps + j][tile.outputs[n_maps + j][1]])[None]
                      for j, s in enumerate(self.spec.sums))
         return maps + sums
+
+
+def _requires_grad(source) -> bool:
+    """A tensor source may want its gradient; a lazily read image never does."""
+    return isinstance(source, torch.Tensor) and source.requires_grad
 
 
 def _stack(partials) -> torch.Tensor:
@@ -184,14 +228,17 @@ class StreamFunction(torch.autograd.Function):
             outs = engine.run_forward(source, side, ctx.rng)
         tensors = [s for s in side if isinstance(s, torch.Tensor)]
         ctx.side = [None if isinstance(s, torch.Tensor) else s for s in side]
-        ctx.save_for_backward(source, *tensors, *params)
+        # a lazy image is no tensor: kept as it is (its tiles are read again in the backward)
+        ctx.lazy = source if feeder.is_lazy(source) else None
+        ctx.save_for_backward(*([] if ctx.lazy is not None else [source]), *tensors, *params)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
         engine, spec = ctx.engine, ctx.engine.spec
-        saved = ctx.saved_tensors
-        source, rest = saved[0], list(saved[1:])
+        saved = list(ctx.saved_tensors)
+        source = ctx.lazy if ctx.lazy is not None else saved.pop(0)
+        rest = saved
         side = [rest.pop(0) if s is None else s for s in ctx.side]
         params = rest
         create_graph = torch.is_grad_enabled()  # the gradient will be differentiated
@@ -218,13 +265,14 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
         gsource = torch.zeros_like(source) if want_source else None
     gside = [None] * len(side_grad)
     gparams = [None] * len(params)
-    src = source if create_graph else source.detach()
+    src = source if create_graph or feeder.is_lazy(source) else source.detach()
     copy = not spec.view_input and not create_graph
     tiles = feeder.iter_tiles(src, spec.tiles, device, feeder.tile_format(source), copy)
     states = ctx.rng if ctx.rng is not None else [None] * spec.num_tiles
     shape = None
     hostmem.trim(device)
     guard = hostmem.Guard(device, spec.heap_bound if not create_graph else 0)
+    engine.notify("backward", 0)
     for t, ((tile, xt), state) in enumerate(zip(tiles, states)):
         if tile.lengths != shape:  # tiles of one shape reuse the pooled pages; a new shape
             shape = tile.lengths  # starts from a trimmed heap
@@ -253,7 +301,12 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
                 part = reductions.partial(s, ys[n_maps + j][where[1]])
                 outs.append(part)
                 gouts.append(g[t].to(device=part.device, dtype=part.dtype))
+        # outputs that depend on nothing differentiable (a statistic of an image that wants
+        # no gradient, in a pass whose other outputs read the parameters) add nothing
+        pairs = [(o, g) for o, g in zip(outs, gouts) if o.requires_grad]
+        outs, gouts = [o for o, _ in pairs], [g for _, g in pairs]
         if not outs:
+            engine.notify("backward", t + 1)
             continue
         inputs = ([xt] if want_source else []) + side_grad + list(params)
         got = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True,
@@ -275,6 +328,7 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
         del ys, outs, gouts, got, xt
         hostmem.release(device)
         guard.after_tile()
+        engine.notify("backward", t + 1)
     # gradients for every side input slot (None where not wanted or not a tensor)
     it = iter(gside)
     gside_all = [next(it) if w and isinstance(s, torch.Tensor) else None
@@ -282,4 +336,4 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
     return gsource, gside_all, gparams
 
 
-__all__ = ["PassEngine", "StreamFunction", "autocast_state"]
+__all__ = ["Observer", "PassEngine", "StreamFunction", "autocast_state", "writing_into"]

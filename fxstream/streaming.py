@@ -8,7 +8,6 @@ input shape it has not seen, and caches the result: torch.fx specialises the cod
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -17,16 +16,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import passes
-
+from . import calls, dense
 from .analysis import Analysis, analyze_traced, check_input_shape, param_dtype
 from .batchnorm import check_streamable, freeze_batchnorm
 from .budget import parse_bytes
 from .errors import FxStreamWarning, UnsupportedError
+from .images import Image
 from .planner import AUTO, PlanOptions, Situation, make_plan
 from .plans import Plan
+from .progress import TileProgress
 from .rewrite import build_driver
-from .runtime import PassEngine
+from .runtime import PassEngine, writing_into
 from .segments import resolve_cuts
 from .tiling import tile_sizes
 from .tracing import trace
@@ -43,6 +43,7 @@ class CompileOptions:
     plan: PlanOptions
     split: str | None = None
     leaf_modules: tuple = ()
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ class Built:
 
 
 def build(model: nn.Module, options: CompileOptions, input_shape, dtype: torch.dtype,
-          situation: Situation, extra_inputs=None) -> Built:
-    """The whole pipeline for the model's current mode and one input shape."""
+          situation: Situation, extra_inputs=None, observer=None) -> Built:
+    """The whole pipeline for the model's current mode and one input shape (``observer``: called
+    by the engines per tile, see :class:`fxstream.progress.TileProgress`)."""
     # 1. trace the model in its current train/eval mode
     gm = trace(model, options.leaf_modules)
     # 2-4. shapes, work and geometry of every node at this input shape; the stem's boundary
@@ -67,7 +69,8 @@ def build(model: nn.Module, options: CompileOptions, input_shape, dtype: torch.d
     plan = make_plan(analysis, options.plan, situation)
     # 6. one engine per pass, and the generated module that runs them and then the head
     device = torch.device(situation.device)
-    engines = [PassEngine(p, device, options.plan.cudnn_benchmark) for p in plan.passes]
+    engines = [PassEngine(p, device, options.plan.cudnn_benchmark, observer)
+               for p in plan.passes]
     driver = build_driver(model, analysis, plan, engines)
     return Built(analysis, plan, driver)
 
@@ -82,6 +85,12 @@ class StreamingModule(nn.Module):
     ``sm.plan(shape)`` is the :class:`~fxstream.plans.Plan` for an input shape and
     ``sm.analysis`` the analysis of the last one used. It pickles as the model and the compile
     options (``torch.save(sm)`` works; plans are made again after loading).
+
+    The image may be a tensor or a lazily read :class:`fxstream.images.Image`
+    (``fxstream.image(path_or_array)``): each tile's region is then read from it when the tile
+    runs, in the stored dtype (the model's own ``x.float() / 255`` is part of the stem), and the
+    image is never whole in memory nor counted by a memory budget. ``sm.infer(image, out)``
+    writes a fully convolutional model's output tile by tile into an array.
     """
 
     def __init__(self, model: nn.Module, options: CompileOptions):
@@ -97,6 +106,7 @@ class StreamingModule(nn.Module):
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_expect", None)  # (rank, channels) seen by compile's probe
+        object.__setattr__(self, "progress", TileProgress() if options.progress else None)
         self.training = model.training
 
     # -- pickling: the model and the options; plans are made again -------------------------
@@ -115,6 +125,11 @@ class StreamingModule(nn.Module):
     @property
     def analysis(self) -> Analysis | None:
         return self._last.analysis if self._last is not None else None
+
+    @property
+    def last_plan(self) -> Plan | None:
+        """The :class:`~fxstream.plans.Plan` of the last call (or of compile's input shape)."""
+        return self._last.plan if self._last is not None else None
 
     @property
     def engines(self) -> tuple:
@@ -143,22 +158,78 @@ class StreamingModule(nn.Module):
         self._check_hooks(built)
         return built.driver(*args, **kwargs)
 
-    def _get(self, image, rest, kwargs, resident: bool) -> Built:
-        if not isinstance(image, torch.Tensor):
-            raise UnsupportedError(f"the image must be a tensor, got {type(image).__name__}")
+    def infer(self, image, out=None, layout: str | None = None):
+        """Run the model without gradients; with ``out``, write its dense output there tile by
+        tile, so that it is never whole in memory.
+
+        Args:
+            image: a tensor or a lazily read :class:`fxstream.images.Image`.
+            out: None (return the output tensor), or where the output goes: a
+                :class:`fxstream.images.Writer` from ``fxstream.output(target, shape, dtype,
+                layout)``, or a zarr array, ``numpy.memmap``, array or tensor of the output's
+                shape (see :meth:`dense_output`). Its dtype may differ from the model's within
+                a kind (float64 into float32, not float into uint8). The model must be fully
+                convolutional: its output is one map of the stem, the head does nothing to it.
+            layout: with a plain ``out``, how it stores its axes (``"CHW"``, ``"HWC"``; default
+                ``(N, C, *spatial)``).
+        Returns:
+            the output tensor, or ``out``.
+
+        Example:
+            >>> import numpy as np, torch, torch.nn as nn, fxstream
+            >>> net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1)).double()
+            >>> sm = fxstream.compile(net, tile_size=32, memory_budget=None)
+            >>> img = fxstream.image(np.ones((100, 80, 3)), layout="HWC")
+            >>> out = np.zeros((100, 80, 2), np.float32)
+            >>> _ = sm.infer(img, out, layout="HWC")
+            >>> bool(np.allclose(out[:, :, 0], sm.infer(img.read())[0, 0].float().numpy()))
+            True
+        """
+        with torch.no_grad():
+            if out is None:
+                return self(image)
+            built = self._get(image, (), {}, resident=True, written=True)
+            self._check_hooks(built)
+            name, shape, dtype = dense.output_map(built)
+            writer = dense.open_output(out, shape, dtype, layout)
+            with writing_into({name: writer}):
+                built.driver(image)
+            if writer is not out:
+                writer.close()
+            return out
+
+    def dense_output(self, image) -> tuple[tuple[int, ...], torch.dtype]:
+        """The ``(shape, dtype)`` of the model's output for ``image`` (a tensor, an
+        :class:`~fxstream.images.Image` or a meta tensor), for :meth:`infer`'s ``out``: the
+        model must be fully convolutional (its output is one map of the stem)."""
+        built = self._get(image, (), {}, resident=True, written=True)
+        _, shape, dtype = dense.output_map(built)
+        return shape, dtype
+
+    def _get(self, image, rest, kwargs, resident: bool, written: bool = False) -> Built:
+        lazy = isinstance(image, Image)
+        if not lazy and not isinstance(image, torch.Tensor):
+            raise UnsupportedError(
+                f"the image must be a tensor or a lazily read image, got "
+                f"{type(image).__name__}: wrap arrays, memmaps, zarr arrays and slide files "
+                f"with fxstream.image(source, layout=..., level=..., region=...)")
         self._check_image(image)
-        extra = _extra_inputs(self.model, image, rest, kwargs)
-        device = _model_device(self.model, image)
+        extra = calls.extra_inputs(self.model, image, rest, kwargs)
+        device = calls.model_device(self.model, image)
         # the image's gradient counts in a memory budget, not in a plain plan
-        grad = bool(image.requires_grad) and self.options.plan.memory_budget is not None and \
+        grad = not lazy and bool(image.requires_grad) and \
+            self.options.plan.memory_budget is not None and \
             (self.options.plan.tile_size is None or self.options.plan.memory_budget != AUTO)
-        key = (_mode(self.model), tuple(image.shape), image.dtype, str(device), grad,
-               _signature(extra))
+        key = (calls.mode(self.model), tuple(image.shape), image.dtype, str(device), grad,
+               calls.signature(extra), lazy, written)
         built = self._built.get(key)
         if built is None:
-            situation = Situation(device=str(device), image_resident=resident, image_grad=grad)
+            situation = Situation(device=str(device), image_resident=resident and not lazy,
+                                  image_grad=grad, image_lazy=lazy, output_written=written)
             built = build(self.model, self.options, tuple(image.shape), image.dtype,
-                          situation, extra)
+                          situation, extra, observer=self.progress)
+            if lazy:
+                dense.check_lazy_input(built.driver)
             self._built[key] = built
             self._report(built)
         object.__setattr__(self, "_last", built)
@@ -168,7 +239,7 @@ class StreamingModule(nn.Module):
         if self._expect is None:
             return
         rank, channels = self._expect
-        if image.dim() != rank:
+        if len(image.shape) != rank:
             raise UnsupportedError(f"expected an image with {rank} dims (N, C, "
                                    f"{', '.join('spatial' for _ in range(rank - 2))}), "
                                    f"got shape {tuple(image.shape)}")
@@ -179,8 +250,11 @@ class StreamingModule(nn.Module):
     def _report(self, built: Built):
         """Log the plan once per input shape; warn once about what the user gets less of."""
         plan = built.plan
-        log.info("fxstream: input %s: %d passes, %s tiles, cuts %s", plan.input_shape,
-                 len(plan.passes), [p.num_tiles for p in plan.passes], list(plan.cuts))
+        log.info("fxstream: input %s %s: %d passes, %s tiles of %s, cuts %s%s",
+                 plan.input_shape, plan.dtype, len(plan.passes),
+                 [p.num_tiles for p in plan.passes], [p.tile_size for p in plan.passes],
+                 list(plan.cuts), "" if plan.estimate is None else
+                 f", estimated peak {plan.estimate.peak / 2**30:.2f} GiB")
         for note in plan.notes:
             if note not in self._warned:
                 self._warned.add(note)
@@ -188,7 +262,7 @@ class StreamingModule(nn.Module):
 
     def _check_hooks(self, built: Built):
         """Hooks on stem modules see tiles, not the image: say so once per set of modules."""
-        hooked = _hooked_stem_modules(built.analysis)
+        hooked = calls.hooked_stem_modules(built.analysis)
         if hooked and tuple(hooked) not in self._warned:
             self._warned.add(tuple(hooked))
             warnings.warn(
@@ -200,62 +274,9 @@ class StreamingModule(nn.Module):
                 FxStreamWarning, stacklevel=3)
 
 
-def _mode(model: nn.Module) -> tuple:
-    """The training flags of every module: what torch.fx specialised the trace on."""
-    return tuple(m.training for m in model.modules())
-
-
-def _model_device(model: nn.Module, image: torch.Tensor) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return image.device
-
-
-def _extra_inputs(model, image, rest, kwargs):
-    """The values of the model's other arguments in ``forward``'s order (defaults filled in),
-    or None when there are none."""
-    if not rest and not kwargs:
-        return None
-    try:
-        bound = inspect.signature(model.forward).bind(image, *rest, **kwargs)
-    except TypeError as e:
-        raise UnsupportedError(f"the streamed model was called with arguments its forward "
-                               f"does not take: {e}") from e
-    bound.apply_defaults()
-    return list(bound.arguments.values())[1:]
-
-
-def _signature(extra) -> tuple:
-    """What the plan depends on in the other arguments: tensor shapes and dtypes, else types."""
-    if extra is None:
-        return ()
-    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else
-                 (type(v).__name__, v if isinstance(v, (int, float, bool, str, type(None)))
-                  else None) for v in extra)
-
-
-def _hooked_stem_modules(analysis: Analysis) -> list[str]:
-    from torch.nn.modules import module as registry
-
-    gm = analysis.graph_module
-    global_hooks = bool(registry._global_forward_hooks or registry._global_forward_pre_hooks
-                        or registry._global_backward_hooks)
-    out = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.meta.get(passes.ROLE) not in ("stem", "boundary"):
-            continue
-        m = gm.get_submodule(node.target)
-        if global_hooks or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
-                getattr(m, "_backward_pre_hooks", None):
-            out.append(str(node.target))
-    return out
-
-
 def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_modules=(),
             input_shape=None, cuts=None, memory_budget=AUTO, offload: bool = False,
-            cudnn_benchmark: bool = False) -> StreamingModule:
+            cudnn_benchmark: bool = False, progress=False) -> StreamingModule:
     """Compile ``model`` into a :class:`StreamingModule` that streams its local stem.
 
     Plans are made per input shape (and mode): without ``tile_size`` or ``memory_budget`` each
@@ -291,6 +312,9 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
             inside the tile loops (restored after). Off by default: cuDNN may then pick
             algorithms whose workspace no memory budget counts (on an H200, ResNet-18 at 4096²
             under a 1.75 GiB budget peaked at 33 GiB with it).
+        progress: True to draw a progress bar per streamed pass on stderr (tiles done, rate,
+            time left), or a :class:`fxstream.progress.TileProgress` to draw them with (e.g.
+            one adding its bars to the caller's own rich ``Progress``).
     Returns:
         a :class:`StreamingModule` computing what ``model`` computes.
 
@@ -304,8 +328,10 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
     """
     # the options, checked once
     options = _options(tile_size, split, leaf_modules, cuts, memory_budget, offload,
-                       cudnn_benchmark)
+                       cudnn_benchmark, progress)
     sm = StreamingModule(model, options)
+    if isinstance(progress, TileProgress):
+        object.__setattr__(sm, "progress", progress)
     # the pipeline, now, for the shape given (or a probe shape): errors show here
     if input_shape is None:
         input_shape = probe_shape(model, options.leaf_modules)
@@ -314,12 +340,14 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
         input_shape, probe = check_input_shape(input_shape), False
     if input_shape is not None:
         dtype = param_dtype(model)
-        situation = Situation(device=str(_model_device(model, torch.empty(0))))
+        situation = Situation(device=str(calls.model_device(model, torch.empty(0))))
         if probe and options.plan.tile_size is None and options.plan.cuts is None:
             built = _analysis_only(model, options, input_shape, dtype)
         else:
-            built = build(model, options, input_shape, dtype, situation)
-            key = (_mode(model), tuple(input_shape), dtype, situation.device, False, ())
+            built = build(model, options, input_shape, dtype, situation,
+                          observer=sm.progress)
+            key = (calls.mode(model), tuple(input_shape), dtype, situation.device, False, (), False,
+                   False)
             sm._built[key] = built
         object.__setattr__(sm, "_last", built)
         object.__setattr__(sm, "_expect", (len(input_shape), input_shape[1]))
@@ -339,7 +367,8 @@ def _analysis_only(model, options, input_shape, dtype) -> Built:
     return Built(analysis, None, None)
 
 
-def _options(tile_size, split, leaf_modules, cuts, memory_budget, offload, cudnn_benchmark):
+def _options(tile_size, split, leaf_modules, cuts, memory_budget, offload, cudnn_benchmark,
+             progress=False):
     if tile_size is not None:
         tile_sizes(tile_size, len(tile_size) if isinstance(tile_size, (tuple, list)) else 1)
         tile_size = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else tile_size
@@ -351,7 +380,7 @@ def _options(tile_size, split, leaf_modules, cuts, memory_budget, offload, cudnn
         plan=PlanOptions(tile_size=tile_size, cuts=tuple(cuts) if cuts is not None else None,
                          memory_budget=memory_budget, offload=bool(offload),
                          cudnn_benchmark=bool(cudnn_benchmark)),
-        split=split, leaf_modules=tuple(leaf_modules))
+        split=split, leaf_modules=tuple(leaf_modules), progress=bool(progress))
 
 
 def probe_shape(model, leaf_modules):
