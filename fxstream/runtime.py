@@ -239,6 +239,10 @@ def _backward_tiles(ctx, source, side, params, grads, wanted, create_graph):
                 part = reductions.partial(s, ys[n_maps + j][where[1]])
                 outs.append(part)
                 gouts.append(g[t].to(device=part.device, dtype=part.dtype))
+        # an output that needs no gradient here (it reads no parameter and no input that
+        # requires grad) adds nothing, and autograd refuses it
+        keep = [i for i, o in enumerate(outs) if o.requires_grad]
+        outs, gouts = [outs[i] for i in keep], [gouts[i] for i in keep]
         if not outs:
             continue
         inputs = ([xt] if want_source else []) + side_grad + list(params)
