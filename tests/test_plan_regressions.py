@@ -205,3 +205,26 @@ def test_M_a_budget_for_a_stem_that_streams_nothing():
     sm = fxstream.compile(CircularFirst(), input_shape=(1, 2, 24, 24), memory_budget="64GiB")
     assert sm.plan((1, 2, 24, 24)).passes == ()
     exact(CircularFirst(), (1, 2, 24, 24), None, memory_budget="64GiB")
+
+
+class PoolThenAux(nn.Module):
+    """A parameter-free stem (an LP pool) whose output is both an auxiliary output (through a
+    1x1 conv, in the head) and the input of a global max (the head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.LPPool3d(1, 2, stride=1)
+        self.aux = nn.Conv3d(2, 2, 1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        y = self.pool(x)
+        return self.fc(y.amax((2, 3, 4))), self.aux(y)
+
+
+def test_N_a_kept_parameter_free_pass_backward_skips_outputs_without_grad():
+    """A tile's backward handed autograd an output that needs no gradient there (the pool has
+    no parameter) and autograd refused it ("element 0 of tensors does not require grad"); such
+    outputs add nothing and are now left out. Found by the fuzzer (a budget plan with a tile
+    size)."""
+    exact(PoolThenAux(), (1, 2, 6, 6, 11), (6, 6, 10), memory_budget="64GiB")
