@@ -155,8 +155,9 @@ def test_squeeze_excitation_and_groupnorm_stay_in_the_stem():
     for name in ("squeeze_excitation", "groupnorm_after_stem"):
         a = fxstream.analyze(build(name), (1, 3, 40, 40))
         # the head is only the final spatial mean: every convolution is in the stem
-        assert [r.name for r in a.global_rows] == ["mean"], name
-        assert a.stem_share == 1.0, name
+        assert len(a.global_rows) == 1, name
+        assert "mean" in a.global_rows[0].reason, name
+        assert a.stem_share > 0.999, name
 
 
 def test_image_smaller_than_a_tile():
