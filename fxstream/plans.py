@@ -125,5 +125,24 @@ class Plan:
         sizes = self.passes[0].tile_size
         return sizes[0] if len(set(sizes)) == 1 else sizes
 
+    def __str__(self) -> str:
+        """A few lines for people: the shape, the passes with their tiles, the estimate."""
+        gib = 2**30
+        head = (f"plan for {tuple(self.input_shape)} {self.dtype} on {self.device}: "
+                f"{len(self.passes)} passes, {len(self.cuts)} cuts"
+                + (f" ({', '.join(self.cuts)})" if self.cuts else ""))
+        if self.estimate is not None:
+            head += f", estimated peak {self.estimate.peak / gib:.2f} GiB"
+        if self.budget is not None:
+            head += f" under a budget of {self.budget / gib:.2f} GiB"
+        lines = [head]
+        for p in self.passes:
+            how = ("graph kept" if p.keep else "recomputed") + (", pooled" if p.pool else "")
+            sums = f", sums {len(p.sums)}" if p.sums else ""
+            lines.append(f"  pass {p.index}: {p.source} -> "
+                         f"{', '.join(o.name for o in p.outputs) or '-'}{sums}; "
+                         f"{p.num_tiles} tiles, redundancy {p.redundancy:.2f}x, {how}")
+        return "\n".join(lines)
+
 
 __all__ = ["Estimate", "MapOutput", "Pass", "Plan", "SumOutput", "Tile"]
