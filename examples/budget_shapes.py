@@ -12,18 +12,9 @@ reset through ``/proc/self/clear_refs`` before each step).
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
-
-def hwm() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
-
-
-def reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from memory_check import hwm, reset_hwm  # this directory is on sys.path when run
 
 
 def main(argv=None) -> int:

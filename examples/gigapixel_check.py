@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxstream  # noqa: E402
+from train_slides import Normalized  # noqa: E402  (this directory is on sys.path when run)
 
 
 def peak_rss() -> int:
@@ -101,19 +102,6 @@ class StridedCNN(nn.Module):
     def forward(self, x):
         x = x.float() / 255
         return self.fc(self.features(x).mean((2, 3)))
-
-
-class Normalized(nn.Module):
-    """uint8 RGB in, ImageNet normalisation, then the wrapped model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def forward(self, x):
-        return self.model((x.float() / 255 - self.mean) / self.std)
 
 
 class SmallUNet(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import fxstream
 from fxstream.planner import smallest_tile_size
 from fxstream.check import check
+from tests.test_rules import Fn
 
 TOL = 1e-10
 SHAPE = (1, 2, 23, 19)
@@ -31,17 +32,6 @@ class Between(nn.Module):
 
     def forward(self, x):
         return self.c2(self.op(self.c1(x)))
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn, **members):
-        super().__init__()
-        self.fn = fn
-        for name, value in members.items():
-            setattr(self, name, value)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def _pad_to(x, f, mode="constant"):
@@ -67,17 +57,17 @@ class UNetBlock(nn.Module):
 
 
 MODELS = {
-    "slice_crop": lambda: Between(Lambda(lambda s, x: x[..., 1:-1, 2:])),
+    "slice_crop": lambda: Between(Fn(lambda s, x: x[..., 1:-1, 2:])),
     "slice_shape_bound": lambda: Between(
-        Lambda(lambda s, x: x[:, :, :x.shape[2] - 1, 1:x.shape[-1] - 2])),
-    "slice_step": lambda: Between(Lambda(lambda s, x: x[..., 1::2, ::3])),
-    "narrow": lambda: Between(Lambda(lambda s, x: x.narrow(2, 1, x.size(2) - 3))),
-    "pad_reflect": lambda: Between(Lambda(lambda s, x: F.pad(x, [2, 1, 3, 0], mode="reflect"))),
+        Fn(lambda s, x: x[:, :, :x.shape[2] - 1, 1:x.shape[-1] - 2])),
+    "slice_step": lambda: Between(Fn(lambda s, x: x[..., 1::2, ::3])),
+    "narrow": lambda: Between(Fn(lambda s, x: x.narrow(2, 1, x.size(2) - 3))),
+    "pad_reflect": lambda: Between(Fn(lambda s, x: F.pad(x, [2, 1, 3, 0], mode="reflect"))),
     "pad_replicate_module": lambda: Between(nn.ReplicationPad2d((1, 3, 2, 2))),
     "pad_reflect_module_then_valid_conv": lambda: Between(
         nn.ReflectionPad2d(3), c2=nn.Conv2d(2, 2, 7)),
     "pad_reflect_to_multiple_then_stride": lambda: Between(
-        Lambda(lambda s, x: s.d(_pad_to(x, 4, "reflect")), d=nn.Conv2d(2, 2, 4, stride=4))),
+        Fn(lambda s, x: s.d(_pad_to(x, 4, "reflect")), d=nn.Conv2d(2, 2, 4, stride=4))),
     "conv_reflect_beyond_half": lambda: Between(
         nn.Conv2d(2, 2, 3, padding=2, padding_mode="reflect")),
     "conv_reflect_same_even": lambda: Between(
@@ -91,11 +81,11 @@ MODELS = {
         nn.ConvTranspose2d(2, 2, 3, stride=3, padding=2), c1=nn.Conv2d(2, 2, 3, stride=2)),
     "lp_pool": lambda: Between(nn.LPPool2d(2, 3, stride=2)),
     "lp_pool_function_ceil": lambda: Between(
-        Lambda(lambda s, x: F.lp_pool2d(x, 1, (2, 3), ceil_mode=True))),
-    "area_up": lambda: Between(Lambda(lambda s, x: F.interpolate(x, scale_factor=2, mode="area"))),
+        Fn(lambda s, x: F.lp_pool2d(x, 1, (2, 3), ceil_mode=True))),
+    "area_up": lambda: Between(Fn(lambda s, x: F.interpolate(x, scale_factor=2, mode="area"))),
     "area_down_after_pad": lambda: Between(
-        Lambda(lambda s, x: F.interpolate(_pad_to(x, 2), scale_factor=0.5, mode="area"))),
-    "area_down_by_size": lambda: Between(Lambda(lambda s, x: F.interpolate(
+        Fn(lambda s, x: F.interpolate(_pad_to(x, 2), scale_factor=0.5, mode="area"))),
+    "area_down_by_size": lambda: Between(Fn(lambda s, x: F.interpolate(
         _pad_to(x, 3), size=(-(-x.shape[2] // 3), -(-x.shape[3] // 3)), mode="area"))),
     "nearest_exact": lambda: Between(nn.Upsample(scale_factor=3, mode="nearest-exact")),
     "unet_pad_to_match_crop": lambda: UNetBlock(),
