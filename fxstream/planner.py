@@ -332,7 +332,7 @@ def validator(analysis: Analysis, seg: Segment, step=None):
         shape[src_dims[k]] = length
         x = torch.empty(shape, dtype=source_meta.dtype, device="meta")
         try:
-            outs = passes.run_meta(step.graph, x, *side)
+            outs = passes.run_meta(step.graph, x, *side, nonempty=True)
         except passes.ShapePropagationError:
             return None
         sizes = []

@@ -74,10 +74,26 @@ class _MetaRun(fx.Interpreter):
         return torch.func.functional_call(module, state, args, kwargs)
 
 
-def run_meta(gm: fx.GraphModule, *args):
+class _NonEmptyRun(_MetaRun):
+    """A meta run that also fails where a node's tensor comes out empty although it is not at
+    the analysed size: the meta kernels accept empty inputs and outputs (a convolution on a
+    zero-width piece, a transposed convolution whose padding leaves nothing) that the real
+    kernels refuse, and a later pad or join can hide the empty piece from the outputs."""
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        tm = n.meta.get("tensor_meta")
+        if (isinstance(value, torch.Tensor) and 0 in value.shape and hasattr(tm, "shape")
+                and 0 not in tuple(tm.shape)):
+            raise ShapePropagationError(n, ValueError(f"{n.name} is empty ({tuple(value.shape)})"))
+        return value
+
+
+def run_meta(gm: fx.GraphModule, *args, nonempty: bool = False):
     """``gm(*args)`` on the meta device (tensor arguments should be meta tensors), recording
-    nothing; raises :class:`ShapePropagationError` naming the node that fails."""
-    return _MetaRun(gm).run(*args)
+    nothing; raises :class:`ShapePropagationError` naming the node that fails. ``nonempty``:
+    a node whose tensor is empty where its analysed value (``tensor_meta``) is not fails too."""
+    return (_NonEmptyRun if nonempty else _MetaRun)(gm).run(*args)
 
 
 class _Failed:

@@ -228,3 +228,45 @@ def test_N_a_kept_parameter_free_pass_backward_skips_outputs_without_grad():
     outputs add nothing and are now left out. Found by the fuzzer (a budget plan with a tile
     size)."""
     exact(PoolThenAux(), (1, 2, 6, 6, 11), (6, 6, 10), memory_budget="64GiB")
+
+
+class PaddedAwayThenPad(nn.Module):
+    """A transposed conv whose padding shrinks its input (k=2, p=1: one pixel less), a pad,
+    then a strided transposed conv and a global mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 4, 2, padding=1)
+        self.up3 = nn.ConvTranspose2d(4, 4, 2, stride=3, groups=4)
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = F.pad(self.up(x), (3, 1, 3, 1), value=0.5)
+        return self.fc(self.conv(self.up3(y)).mean((2, 3)))
+
+
+class CropThenPaddedConv(nn.Module):
+    """A crop of the last two rows and columns (written with the tensor's shape), then a padded
+    1x1 conv: a dense output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, padding=1, groups=3)
+
+    def forward(self, x):
+        return self.conv(x[..., : x.shape[-2] - 2, : x.shape[-1] - 2])
+
+
+@pytest.mark.parametrize("net,channels", [(PaddedAwayThenPad, 4), (CropThenPaddedConv, 3)],
+                         ids=["transposed_conv_padded_away", "crop_at_the_edge"])
+def test_O_no_tile_leaves_an_empty_piece_inside_the_stem(net, channels):
+    """An edge tile whose piece came out empty inside the stem (a transposed conv's padding
+    took its one row; a crop took a last tile's two columns) while a later pad kept the
+    segment's outputs non-empty: the meta run that checks tiles accepted it, the real kernels
+    refused it ("Output size is too small", "Only zero batch or zero channel inputs"). A tile
+    is now legal only if no value inside it is empty. Found by the fuzzer (seeds 3 and 4)."""
+    shape = (1, channels, 12, 12)
+    tile = fxstream.planner.smallest_tile_size(fxstream.analyze(net(), input_shape=shape))
+    result = exact(net(), shape, tile)
+    assert result.num_tiles > 1
