@@ -67,27 +67,38 @@ def child(config: dict) -> dict:
     phases = []
     real_forward, real_backward = runtime.PassEngine.run_forward, runtime.StreamFunction.backward
 
-    def run_forward(self, *args, **kwargs):
+    def start():
+        """Before a phase resets the peak: what ran since the last phase ended (kept passes
+        run inside autograd, the head), so that no interval of the step goes unmeasured."""
+        phases.append(("between phases", hwm()))
         reset_hwm()
+
+    def run_forward(self, *args, **kwargs):
+        start()
         out = real_forward(self, *args, **kwargs)
         phases.append((f"forward of pass {self.spec.index}", hwm()))
+        reset_hwm()
         return out
 
     def backward(ctx, *grads):
-        reset_hwm()
+        start()
         out = real_backward(ctx, *grads)
         phases.append((f"backward of pass {ctx.engine.spec.index}", hwm()))
+        reset_hwm()
         return out
 
     runtime.PassEngine.run_forward = run_forward
     runtime.StreamFunction.backward = staticmethod(backward)
     x = torch.randn(shape)
     baseline = hwm()
+    reset_hwm()
     t0 = time.perf_counter()
     sum(o.float().sum() for o in fxstream.check.tensors_of(sm(x))).backward()
     seconds = time.perf_counter() - t0
-    # each phase reset the peak (clear_refs resets ru_maxrss too): the step's peak is theirs
-    peak = max([hwm(), baseline] + [v for _, v in phases])
+    # each phase reset the peak (clear_refs resets ru_maxrss too): the step's peak is the
+    # largest of the phases' and of the intervals between them
+    phases.append(("between phases", hwm()))
+    peak = max([baseline] + [v for _, v in phases])
     return dict(model=config["model"], shape=list(shape), budget=plan.budget,
                 estimated=plan.estimate.peak, baseline=plan.estimate.baseline,
                 rss_before=baseline, measured=peak, seconds=seconds, cuts=list(plan.cuts),
