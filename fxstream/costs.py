@@ -94,7 +94,8 @@ def segment_layout(st: Stem, src, dst) -> Layout:
 
 def segment_cost(st: Stem, layout: Layout, tile, raise_errors=False):
     """What streaming a segment in tiles of ``tile`` costs, or None if no plan. Every step is
-    tiled like the one that reaches furthest (a bound on its redundancy)."""
+    tiled like the one that reaches furthest (a bound on its redundancy); in one tile the steps
+    are one pass (:func:`fxstream.segments.whole_step`)."""
     costs, src = st.costs, layout.src
     s = costs[src]
     red, frac, n_tiles = 1.0, 1.0, 1
@@ -108,13 +109,16 @@ def segment_cost(st: Stem, layout: Layout, tile, raise_errors=False):
         frac *= axis[1] / size
         n_tiles *= axis[2]
     source_grad = src != st.image or st.image_grad
+    steps = [nodes for _, nodes in layout.steps]
+    if n_tiles == 1 and len(steps) > 1:  # one pass, statistics inside the tile (whole_step)
+        steps = [tuple(dict.fromkeys(n for nodes in steps for n in nodes))]
     mem = None
-    for _, nodes in layout.steps:
+    for nodes in steps:
         m = segment_memory(costs, nodes, src, frac, view=s.read_only, source_grad=source_grad,
                            last=layout.last)
         mem = m if mem is None else PassMemory(max(mem.forward, m.forward),
                                                max(mem.backward, m.backward), mem.kept + m.kept)
-    work = red * sum(costs[n].work for _, nodes in layout.steps for n in nodes)
+    work = red * sum(costs[n].work for nodes in steps for n in nodes)
     maps_bytes = (s.map_bytes if source_grad else 0) + sum(
         costs[o].map_bytes for o in layout.outs if not layout.last)
     return Cost(work, red, n_tiles, maps_bytes, mem)

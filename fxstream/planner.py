@@ -25,7 +25,7 @@ from .hostmem import pool_enabled
 from .notes import notes
 from .lowering import lower, sum_output
 from .plans import Estimate, MapOutput, Pass, Plan
-from .segments import Segment, image_node, resolve_cuts, split_segments
+from .segments import Segment, image_node, resolve_cuts, split_segments, whole_step
 from .tiling import TilePlan, plan_tiles, smallest_tile, tile_sizes
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,17 @@ def build_passes(analysis, options, cuts, tiles, pools, keeps) -> tuple[Pass, ..
     :class:`fxstream.segments.Step`), each with its tiles checked and lowered."""
     out = []
     for i, seg in enumerate(split_segments(analysis, cuts)):
-        for k, step in enumerate(seg.steps):
+        plans = [plan_segment(analysis, seg, tiles[i], step) for step in seg.steps]
+        if len(plans) > 1 and all(p.num_tiles == 1 for p in plans):
+            # one tile holds the whole map: its statistics are computed inside it, one pass
+            step = whole_step(analysis, seg)
             plan = plan_segment(analysis, seg, tiles[i], step)
+            if plan.num_tiles == 1:
+                out.append(replace(_pass(analysis, len(out), seg, step, plan, tiles[i],
+                                         pools[i], keeps[i], options, segment=i),
+                                   whole=True))
+                continue
+        for k, (step, plan) in enumerate(zip(seg.steps, plans)):
             out.append(_pass(analysis, len(out), seg, step, plan, tiles[i], pools[i], keeps[i],
                              options, segment=i, step_index=k))
     return tuple(out)

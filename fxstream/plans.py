@@ -77,6 +77,9 @@ class Pass:
     # its maps among its outputs; each tile's outputs list the maps, then the summed tensors)
     segment: int = 0  # the segment (between stored maps) it belongs to
     step: int = 0  # its step in the segment: earlier steps' statistics are its side inputs
+    # the segment in one tile and one pass, its statistics computed inside the tile
+    # (fxstream.segments.whole_step) instead of one pass per step
+    whole: bool = False
     # a pooled loop's heap may hold this many bytes over what the process held when the loop
     # began; past it the heap is trimmed after the tile (0: never; see fxstream.hostmem.Guard)
     heap_bound: int = 0
@@ -137,7 +140,8 @@ class Plan:
             head += f" under a budget of {self.budget / gib:.2f} GiB"
         lines = [head]
         for p in self.passes:
-            how = ("graph kept" if p.keep else "recomputed") + (", pooled" if p.pool else "")
+            how = ("graph kept" if p.keep else "recomputed") + (", pooled" if p.pool else "") \
+                + (", statistics inside the tile" if p.whole else "")
             sums = f", sums {len(p.sums)}" if p.sums else ""
             lines.append(f"  pass {p.index}: {p.source} -> "
                          f"{', '.join(o.name for o in p.outputs) or '-'}{sums}; "

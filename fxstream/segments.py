@@ -180,35 +180,73 @@ def _reduced(node) -> bool:
 
 
 def _segment(analysis, source, names, outputs, sums) -> Segment:
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    values = _sizes(analysis)
+    sizes = tuple(int(ax.size.subs(values)) for ax in nodes[source].meta[GEOMETRY].axes)
+    steps = tuple(_step(analysis, source, maps, step_sums, step_nodes)
+                  for maps, step_sums, step_nodes in step_layout(nodes, source, names, outputs,
+                                                                 sums))
+    return Segment(source, tuple(names), tuple(outputs), tuple(sums), sizes, steps)
+
+
+def whole_step(analysis: Analysis, seg: Segment) -> Step:
+    """The segment in one step, for a plan that runs it in one tile (its whole map): the
+    statistics it computes are computed inside that tile, from the reductions' own ops on the
+    whole map, instead of by one streamed pass per level of statistics, each recomputing what
+    the one before computed. Its sums are still summed (the one tile's partial), for what reads
+    them outside the segment (running statistics, the head, later segments)."""
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    mine, seen = set(seg.sums), {}
+
+    def computed_here(name):  # a statistic derived from this segment's sums
+        if name not in seen:
+            node = nodes[name]
+            seen[name] = name in mine or (_reduced(node) and any(
+                computed_here(i.name) for i in node.all_input_nodes if _reduced(i)))
+        return seen[name]
+
+    inside, stack = set(), [i.name for n in seg.nodes for i in nodes[n].all_input_nodes]
+    while stack:
+        name = stack.pop()
+        if name in inside or not _reduced(nodes[name]) or not computed_here(name):
+            continue
+        inside.add(name)
+        stack += [i.name for i in nodes[name].all_input_nodes]
+    order = [n.name for n in analysis.graph_module.graph.nodes
+             if n.name in inside or n.name in seg.nodes]
+    return _step(analysis, seg.source, seg.outputs, seg.sums, order)
+
+
+def _sizes(analysis) -> dict:
+    return dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
+                    analysis.input_shape[2:]))
+
+
+def _step(analysis, source, maps, step_sums, step_nodes) -> Step:
     gm = analysis.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
-    values = dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
-                      analysis.input_shape[2:]))
+    values = _sizes(analysis)
     src = nodes[source].meta[GEOMETRY]
-    sizes = tuple(int(ax.size.subs(values)) for ax in src.axes)
-    steps = []
-    for maps, step_sums, step_nodes in step_layout(nodes, source, names, outputs, sums):
-        summed = tuple(nodes[r].args[0].name for r in step_sums)
-        outs = maps + summed
-        graph, side = build_segment_graph(gm, source, step_nodes, outs)
-        geometry, align = [], []
-        for k, sax in enumerate(src.axes):
-            j_src = _frac(sax.stride)
-            lo_src, hi_src = _value(sax.lo, values), _value(sax.hi, values)
-            per_out = []
-            for o in outs:
-                g = nodes[o].meta[GEOMETRY]
-                if not isinstance(g, passes.Local):
-                    raise UnsupportedError(f"internal: pass output '{o}' has no local geometry")
-                ax = g.axes[k]
-                per_out.append(AxisGeometry(
-                    _frac(ax.stride) / j_src, (_value(ax.lo, values) - lo_src) / j_src,
-                    (_value(ax.hi, values) - hi_src) / j_src, int(ax.size.subs(values))))
-            geometry.append(tuple(per_out))
-            align.append(_alignment(analysis, nodes, step_nodes, k, j_src))
-        steps.append(Step(maps, step_sums, summed, tuple(step_nodes), side, tuple(align),
-                          tuple(geometry), graph))
-    return Segment(source, tuple(names), tuple(outputs), tuple(sums), sizes, tuple(steps))
+    summed = tuple(nodes[r].args[0].name for r in step_sums)
+    outs = tuple(maps) + summed
+    graph, side = build_segment_graph(gm, source, step_nodes, outs)
+    geometry, align = [], []
+    for k, sax in enumerate(src.axes):
+        j_src = _frac(sax.stride)
+        lo_src, hi_src = _value(sax.lo, values), _value(sax.hi, values)
+        per_out = []
+        for o in outs:
+            g = nodes[o].meta[GEOMETRY]
+            if not isinstance(g, passes.Local):
+                raise UnsupportedError(f"internal: pass output '{o}' has no local geometry")
+            ax = g.axes[k]
+            per_out.append(AxisGeometry(
+                _frac(ax.stride) / j_src, (_value(ax.lo, values) - lo_src) / j_src,
+                (_value(ax.hi, values) - hi_src) / j_src, int(ax.size.subs(values))))
+        geometry.append(tuple(per_out))
+        align.append(_alignment(analysis, nodes, step_nodes, k, j_src))
+    return Step(tuple(maps), tuple(step_sums), summed, tuple(step_nodes), side, tuple(align),
+                tuple(geometry), graph)
 
 
 def step_layout(nodes, source, names, outputs, sums):
@@ -313,5 +351,6 @@ def _value(expr, values) -> Fraction:
     return _frac(sympy.sympify(expr).subs(values))
 
 
-__all__ = ["Segment", "Step", "build_segment_graph", "reductions_of", "step_layout", "cut_candidates", "image_node", "resolve_cuts",
-           "split_segments", "stem_boundary"]
+__all__ = ["Segment", "Step", "build_segment_graph", "cut_candidates", "image_node",
+           "reductions_of", "resolve_cuts", "split_segments", "stem_boundary", "step_layout",
+           "whole_step"]

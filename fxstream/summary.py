@@ -12,7 +12,7 @@ import passes
 
 from .analysis import Analysis, jsonable
 from .plans import Plan
-from .segments import split_segments
+from .segments import split_segments, whole_step
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def summarize(analysis: Analysis, plan: Plan) -> PlanSummary:
     rows = []
     for p in plan.passes:
         seg = segments[p.segment]
-        step = seg.steps[p.step]
+        step = whole_step(analysis, seg) if p.whole else seg.steps[p.step]
         n_axes = len(seg.sizes)
         spans = [sorted({(t.starts[k], t.lengths[k]) for t in p.tiles}) for k in range(n_axes)]
         overlap = tuple(max([a[0] + a[1] - b[0] for a, b in zip(s, s[1:])], default=0)

@@ -165,34 +165,61 @@ def test_squeeze_excitation_and_groupnorm_models_stream_exactly(name):
     assert result.num_tiles > 1
 
 
+def _same_step(model, shape, **compile_kwargs):
+    """One training step of ``model`` and of its streamed copy: the output, every running
+    statistic and every gradient equal; returns the streamed plan."""
+    x = torch.randn(shape, dtype=torch.float64)
+    full, streamed = copy.deepcopy(model), copy.deepcopy(model)
+    sm = fxstream.compile(streamed, input_shape=shape, **compile_kwargs)
+    w = torch.randn(shape[0], 3, dtype=torch.float64)
+    outs = [(m(x) * w).sum() for m in (full, sm)]
+    for o in outs:
+        o.backward()
+    assert abs(outs[0] - outs[1]) <= TOL * abs(outs[0])
+    for (name, a), (_, b) in zip(full.named_buffers(), streamed.named_buffers()):
+        assert (a.double() - b.double()).abs().max() <= TOL * a.double().abs().max(), name
+    scale = max(p.grad.abs().max() for p in full.parameters())
+    for (name, p), q in zip(full.named_parameters(), streamed.parameters()):
+        assert (p.grad - q.grad).abs().max() <= TOL * scale, name
+    return sm.plan(shape, torch.float64)
+
+
+def _resnet18_train(momentum=0.1):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3).double().train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    return model
+
+
 def test_train_mode_batchnorm_updates_running_statistics_exactly():
     """ResNet-18 in train mode (momentum 0.1 and None): the output, every gradient and every
     running statistic after a step equal the full-image model's."""
-    import torchvision
-
     torch.manual_seed(0)
     for momentum in (0.1, None):
-        model = torchvision.models.resnet18(num_classes=3).double().train()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = momentum
-        shape = (2, 3, 96, 80)
-        x = torch.randn(shape, dtype=torch.float64)
-        full, streamed = copy.deepcopy(model), copy.deepcopy(model)
-        sm = fxstream.compile(streamed, tile_size=48, input_shape=shape,
-                              cuts=["maxpool", "layer1", "layer2"])
-        plan = sm.plan(shape, torch.float64)
+        plan = _same_step(_resnet18_train(momentum), (2, 3, 96, 80), tile_size=48,
+                          cuts=["maxpool", "layer1", "layer2"])
         assert plan.passes[0].num_tiles > 1 and sum(len(p.sums) for p in plan.passes) == 20
-        w = torch.randn(2, 3, dtype=torch.float64)
-        outs = [(m(x) * w).sum() for m in (full, sm)]
-        for o in outs:
-            o.backward()
-        assert abs(outs[0] - outs[1]) <= TOL * abs(outs[0])
-        for (name, a), (_, b) in zip(full.named_buffers(), streamed.named_buffers()):
-            assert (a.double() - b.double()).abs().max() <= TOL * a.double().abs().max(), name
-        scale = max(p.grad.abs().max() for p in full.parameters())
-        for (name, p), q in zip(full.named_parameters(), streamed.parameters()):
-            assert (p.grad - q.grad).abs().max() <= TOL * scale, name
+
+
+def test_a_segment_in_one_tile_computes_its_statistics_inside_it():
+    """A segment that runs in one tile (its whole map) computes its statistics inside that tile
+    in one pass, instead of one streamed pass per level of statistics, each recomputing the one
+    before: ResNet-18's 20 train-mode BatchNorms after layer1 in two passes, one recomputed in
+    the backward (its running statistics must still be updated once) and one keeping its
+    graph; and a squeeze-excitation and GroupNorm model in one."""
+    torch.manual_seed(0)
+    plan = _same_step(_resnet18_train(), (2, 3, 64, 64), tile_size=None, memory_budget=None,
+                      cuts=["layer1", "layer3"])
+    assert [(p.whole, p.keep, len(p.sums)) for p in plan.passes] == [
+        (True, False, 5), (True, False, 10), (True, True, 5)]
+    import timm
+
+    model = timm.create_model("seresnet18", num_classes=3).double().eval()
+    plan = _same_step(model, (1, 3, 64, 64), tile_size=None, memory_budget=None)
+    assert len(plan.passes) == 1 and plan.passes[0].whole and len(plan.passes[0].sums) == 8
 
 
 class InstanceNormUNet(nn.Module):
