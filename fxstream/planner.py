@@ -153,17 +153,20 @@ def build_passes(analysis, options, cuts, tiles, pools, keeps) -> tuple[Pass, ..
     :class:`fxstream.segments.Step`), each with its tiles checked and lowered."""
     out = []
     for i, seg in enumerate(split_segments(analysis, cuts)):
-        plans = [plan_segment(analysis, seg, tiles[i], step) for step in seg.steps]
-        if len(plans) > 1 and all(p.num_tiles == 1 for p in plans):
-            # one tile holds the whole map: its statistics are computed inside it, one pass
-            step = whole_step(analysis, seg)
-            plan = plan_segment(analysis, seg, tiles[i], step)
-            if plan.num_tiles == 1:
-                out.append(replace(_pass(analysis, len(out), seg, step, plan, tiles[i],
+        whole = whole_step(analysis, seg) if len(seg.steps) > 1 else None
+        if whole is not None:
+            # where one tile holds the whole map, its statistics are computed inside it
+            try:
+                plan = plan_segment(analysis, seg, tiles[i], whole)
+            except PlanError:
+                plan = None
+            if plan is not None and plan.num_tiles == 1:
+                out.append(replace(_pass(analysis, len(out), seg, whole, plan, tiles[i],
                                          pools[i], keeps[i], options, segment=i),
                                    whole=True))
                 continue
-        for k, (step, plan) in enumerate(zip(seg.steps, plans)):
+        for k, step in enumerate(seg.steps):
+            plan = plan_segment(analysis, seg, tiles[i], step)
             out.append(_pass(analysis, len(out), seg, step, plan, tiles[i], pools[i], keeps[i],
                              options, segment=i, step_index=k))
     return tuple(out)

@@ -24,13 +24,14 @@ def partial(s: SumOutput, y: torch.Tensor) -> torch.Tensor:
         return y.sum(s.dims, keepdim=True)
     if s.kind == "norm2":
         return (y * y).sum(s.dims, keepdim=True)
-    if s.kind == "moments":
-        n = y.shape[0]
-        yg = y.reshape(n, s.groups, -1)
-        if s.batch:
-            yg = yg.transpose(0, 1).reshape(s.groups, -1)
-        var, mean = torch.var_mean(yg, dim=-1, correction=0)
-        return torch.stack([mean, var * yg.shape[-1]])
+    if s.kind == "moments":  # per group (and sample), without copying the tile's crop
+        if s.batch:  # one group per channel, over the batch too
+            dims = [0, *range(2, y.dim())]
+        else:
+            y = y.unflatten(1, (s.groups, -1))
+            dims = list(range(2, y.dim()))
+        var, mean = torch.var_mean(y, dim=dims, correction=0)
+        return torch.stack([mean, var * (y.numel() // mean.numel())])
     var, mean = torch.var_mean(y, s.dims, correction=0, keepdim=True)  # var, std
     count = 1
     for d in s.dims:

@@ -189,12 +189,15 @@ def _segment(analysis, source, names, outputs, sums) -> Segment:
     return Segment(source, tuple(names), tuple(outputs), tuple(sums), sizes, steps)
 
 
-def whole_step(analysis: Analysis, seg: Segment) -> Step:
+def whole_step(analysis: Analysis, seg: Segment) -> Step | None:
     """The segment in one step, for a plan that runs it in one tile (its whole map): the
     statistics it computes are computed inside that tile, from the reductions' own ops on the
     whole map, instead of by one streamed pass per level of statistics, each recomputing what
     the one before computed. Its sums are still summed (the one tile's partial), for what reads
-    them outside the segment (running statistics, the head, later segments)."""
+    them outside the segment (running statistics, the head, later segments), which the driver
+    computes from them again. None when a statistic it would compute inside the tile draws
+    random numbers or writes in place: computed twice (and again in a recompute), it would
+    differ or write twice."""
     nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
     mine, seen = set(seg.sums), {}
 
@@ -212,8 +215,11 @@ def whole_step(analysis: Analysis, seg: Segment) -> Step:
             continue
         inside.add(name)
         stack += [i.name for i in nodes[name].all_input_nodes]
-    order = [n.name for n in analysis.graph_module.graph.nodes
-             if n.name in inside or n.name in seg.nodes]
+    gm = analysis.graph_module
+    if any(passes.draws_random(nodes[n], gm) or passes.writes_state(nodes[n], gm)
+           for n in inside):
+        return None
+    order = [n.name for n in gm.graph.nodes if n.name in inside or n.name in seg.nodes]
     return _step(analysis, seg.source, seg.outputs, seg.sums, order)
 
 

@@ -100,6 +100,18 @@ def writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
+def writes_state(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` writes in place into what outlives one run of the graph: a parameter or
+    buffer (``self.ema.mul_(0.9)``) or an input, directly or through earlier in-place writes.
+    An in-place activation on a value the graph computed (``ReLU(inplace=True)``) does not."""
+    if not writes_in_place(node, gm):
+        return False
+    target = node.args[0] if node.args else None
+    while isinstance(target, fx.Node) and writes_in_place(target, gm) and target.args:
+        target = target.args[0]
+    return isinstance(target, fx.Node) and target.op in ("get_attr", "placeholder")
+
+
 _RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                    nn.FeatureAlphaDropout, nn.RReLU)
 _RANDOM_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
@@ -129,4 +141,4 @@ def draws_random(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-__all__ = ["draws_random", "only_read", "writes_in_place"]
+__all__ = ["draws_random", "only_read", "writes_in_place", "writes_state"]

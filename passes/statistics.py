@@ -26,35 +26,35 @@ from .context import concrete_shape
 
 def moments(x: torch.Tensor, groups: int, batch: bool = False) -> torch.Tensor:
     """Mean and biased variance of ``x`` ``(N, C, *spatial)`` over its spatial dims and the
-    channels of each of ``groups`` groups: shape ``(2, N, groups)``; with ``batch`` over the
-    batch dim too: ``(2, groups)``."""
-    n = x.shape[0]
-    xg = x.reshape(n, groups, -1)
+    channels of each of ``groups`` groups: shape ``(2, N, groups)``; with ``batch`` (one group
+    per channel) over the batch dim too: ``(2, C)``. Never copies ``x``."""
     if batch:
-        xg = xg.transpose(0, 1).reshape(groups, -1)
-    var, mean = torch.var_mean(xg, dim=-1, correction=0)
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+    else:
+        var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=-1, correction=0)
     return torch.stack([mean, var])
 
 
 def normalize(x: torch.Tensor, stats: torch.Tensor, weight=None, bias=None, eps: float = 1e-5,
               groups: int = 1, batch: bool = False) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with the statistics of
-    :func:`moments`."""
+    :func:`moments`, computed as PyTorch's CPU norm kernels compute it: a per-channel scale
+    ``a = weight / sqrt(var + eps)`` and shift ``b = bias - mean * a`` (tiny tensors), then one
+    pass over the map, ``x * a + b``, which saves only ``x`` (alive anyway) and ``a`` for the
+    backward instead of two more maps."""
     n, c = x.shape[:2]
-    ones = (1,) * (x.dim() - 2)
     mean, var = stats[0], stats[1]
-    if batch:
-        y = (x - mean.reshape(1, c, *ones)) * torch.rsqrt(var.reshape(1, c, *ones) + eps)
-    else:
-        xg = x.reshape(n, groups, c // groups, *x.shape[2:])
-        shape = (n, groups, 1) + ones
-        y = ((xg - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)).reshape(
-            x.shape)
+    if not batch and groups != c:  # one statistic per group: per channel, per sample
+        mean = mean.repeat_interleave(c // groups, dim=1)
+        var = var.repeat_interleave(c // groups, dim=1)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.reshape(1, c, *ones)
+        scale = scale * weight
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.reshape(1, c, *ones)
-    return y
+        shift = shift + bias
+    shape = (1 if batch else n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
 
 
 def update_running_stats(stats, running_mean, running_var, num_batches_tracked, momentum,
