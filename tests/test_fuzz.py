@@ -31,7 +31,8 @@ Profiles:
   cases (without shrinking them) and prints them all at the end; on a 2-core machine a long
   run is split into processes with different seeds, e.g. ``FXSTREAM_FUZZ_EXAMPLES=1000
   FXSTREAM_FUZZ_SEED=1`` and ``...SEED=2``. ``FXSTREAM_FUZZ_LOG=<path>`` keeps the statistics
-  so far and the failing cases in a JSON file, rewritten after every case.
+  so far, the failing cases, the slowest case and the case running now in a JSON file,
+  rewritten before and after every case.
 
 A failure: hypothesis shrinks it and prints the falsifying ``case`` (a :class:`Case` literal:
 its ``spec`` rebuilds the same model with :func:`tests.fuzz_stems.build`). To keep it, add a
@@ -436,15 +437,27 @@ def _settings():
     return settings(**kw)
 
 
+def _log(stats, failures, start, **extra):
+    """The statistics so far, the failing cases and ``extra`` (the case running, the slowest
+    case) in the ``FXSTREAM_FUZZ_LOG`` file."""
+    if LOG:
+        stats["wall seconds"] = round(time.perf_counter() - start)
+        with open(LOG, "w") as f:
+            json.dump({"stats": dict(stats), "failures": failures, **extra}, f, indent=1)
+
+
 def test_streamed_random_stems_equal_the_full_image():
     stats = collections.Counter()
     failures = []
+    slowest = [0.0, None]  # seconds, case
     start = time.perf_counter()
 
     @_settings()
     @given(case=cases())
     def fuzz(case):
         stats["cases"] += 1
+        _log(stats, failures, start, running=repr(case))  # a case that hangs is named
+        t0 = time.perf_counter()
         try:
             run_case(case, stats)
         except Exception as e:
@@ -452,10 +465,9 @@ def test_streamed_random_stems_equal_the_full_image():
                 raise
             stats[f"FAILED: {type(e).__name__}"] += 1
             failures.append(f"{case!r}\n  {type(e).__name__}: {str(e)[:2000]}")
-        if LOG:
-            stats["wall seconds"] = round(time.perf_counter() - start)
-            with open(LOG, "w") as f:
-                json.dump({"stats": dict(stats), "failures": failures}, f, indent=1)
+        if time.perf_counter() - t0 > slowest[0]:
+            slowest[:] = [round(time.perf_counter() - t0, 1), repr(case)]
+        _log(stats, failures, start, slowest=slowest)
 
     if SEED is not None:
         fuzz = hypothesis.seed(int(SEED))(fuzz)
