@@ -79,6 +79,7 @@ LOG = os.environ.get("FXSTREAM_FUZZ_LOG")
 # the budget plans' tile options, for images of tens of pixels (the library's start at 256)
 SMALL_TILE_OPTIONS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 SIZES = {1: (24, 160), 2: (12, 44), 3: (6, 13)}
+MAX_REDUNDANCY = 300  # plans computing more than this many times their map are not run
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,13 @@ def _run_case(case: Case, stats: collections.Counter):
                               f"plan {case.plan}")] += 1
     note(f"plan: cuts {plan.cuts}, tiles {tiles}, "
          f"tile sizes {[p.tile_size for p in plan.passes]}")
+    if max((p.redundancy for p in plan.passes), default=1.0) > MAX_REDUNDANCY:
+        # tiles widened far past what they own (a tile near the smallest legal one on a tiny
+        # 3-D image: thousands of tiles each computing the whole receptive field) run for tens
+        # of minutes in float64; counted, not run (the plan's notes warn the user)
+        stats[f"not run: a pass computes over {MAX_REDUNDANCY}x its map"] += 1
+        event("not run: redundancy")
+        return
 
     gen = torch.Generator().manual_seed(spec.seed + 7)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
