@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .costs import Stem, segment_cost, segment_layout
-from .errors import PlanError
+from .errors import PlanError, size_text
 from .hostmem import pool_enabled
 from .memory import ALLOCATOR_FACTOR, node_costs
 from .segments import cut_candidates, image_node, resolve_cuts
@@ -308,15 +308,15 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
     if best is None:
         least = _search(points, costs, memory.fixed, None, options, consecutive)
         smallest_peak = least.peak if least is not None else None
-        need = (f"; the smallest estimated peak is {smallest_peak / 2**30:.2f} GiB, so the "
-                f"budget must be at least {smallest_peak / BUDGET_MARGIN / 2**30:.2f} GiB (plans "
+        need = (f"; the smallest estimated peak is {size_text(smallest_peak)}, so the "
+                f"budget must be at least {size_text(smallest_peak / BUDGET_MARGIN)} (plans "
                 f"keep {1 - BUDGET_MARGIN:.0%} in reserve)") if smallest_peak else ""
         if least is None and tile_size is not None:  # the tile, not the budget, is the problem
             for src, dst in zip(points, points[1:] + [None]) if consecutive else [(image, None)]:
                 segment_cost(st, segment_layout(st, src, dst), tiles[0], raise_errors=True)
-        raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
+        raise PlanError(f"no plan fits a memory budget of {size_text(memory.budget)} for "
                         f"input {tuple(input_shape)} (process baseline "
-                        f"{memory.baseline / 2**30:.2f} GiB included){need}")
+                        f"{size_text(memory.baseline)} included){need}")
     subset, picks, peak = best.cuts, best.picks, best.peak
     return PlanChoice(budget=memory.budget, cuts=tuple(subset),
                       segment_tiles=tuple(p.tile for p in picks),

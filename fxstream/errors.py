@@ -33,3 +33,12 @@ class SpecError(FxStreamError):
 class FxStreamWarning(UserWarning):
     """Something the user gets less of than they may think (said once): hooks that see tiles, a
     stem that holds little of the model, a plan that recomputes most of each tile."""
+
+
+def size_text(n: float) -> str:
+    """Bytes for a message: GiB with two decimals from 64 MiB up, else MiB or KiB (a budget
+    of a few KiB must not read "0.00 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= scale / 16:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"

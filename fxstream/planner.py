@@ -20,7 +20,7 @@ from passes import GEOMETRY, ROLE, Local
 from . import budget as budget_search
 from . import memory as memory_model
 from .analysis import Analysis
-from .errors import PlanError
+from .errors import PlanError, size_text
 from .hostmem import pool_enabled
 from .notes import notes
 from .lowering import lower, sum_output
@@ -112,14 +112,14 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
     else:
         if not phases:
             raise PlanError(f"no legal plan found for a memory budget of "
-                            f"{memory.budget / 2**30:.2f} GiB for input "
+                            f"{size_text(memory.budget)} for input "
                             f"{tuple(analysis.input_shape)}")
         worst = max(phases, key=lambda ph: ph.bytes)
-        raise PlanError(f"no plan fits a memory budget of {memory.budget / 2**30:.2f} GiB for "
+        raise PlanError(f"no plan fits a memory budget of {size_text(memory.budget)} for "
                         f"input {tuple(analysis.input_shape)}: the best found measures "
-                        f"{peak / 2**30:.2f} GiB in the {worst.name} (process baseline "
-                        f"{memory.baseline / 2**30:.2f} GiB included), over the "
-                        f"{limit / 2**30:.2f} GiB plans may use (they keep "
+                        f"{size_text(peak)} in the {worst.name} (process baseline "
+                        f"{size_text(memory.baseline)} included), over the "
+                        f"{size_text(limit)} plans may use (they keep "
                         f"{1 - budget_search.BUDGET_MARGIN:.0%} of the budget in reserve)")
     # pooled loops trim their heap past HEAP_BOUND times their live bytes (hostmem.Guard)
     passes_ = tuple(replace(p, heap_bound=int(memory_model.HEAP_BOUND * max(m.forward,

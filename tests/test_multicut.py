@@ -154,6 +154,10 @@ def test_budget_too_small():
     with pytest.raises(fxstream.PlanError, match=r"no plan fits a memory budget of 0.10 GiB.*"
                                                  r"smallest estimated peak"):
         _plan(resnet18(), (1, 3, 1024, 1024), "0.1GiB", baseline=2**26)
+    # a tiny budget reads in the unit it is given in, not "0.00 GiB"
+    with pytest.raises(fxstream.PlanError, match=r"no plan fits a memory budget of 12.0 KiB "
+                                                 r".*process baseline 4.0 KiB"):
+        _plan(torch.nn.Conv2d(3, 4, 3), (1, 3, 64, 64), 12 * 2**10, baseline=4 * 2**10)
 
 
 def test_budget_keeps_one_tile_graphs_when_they_fit(monkeypatch):
