@@ -81,7 +81,7 @@ def test_infer_level_region_npy_and_scale(files, tmp_path):
     out = tmp_path / "pred.npy"
     assert main(["infer", f"{files['spec']}:build_scaled", "--image", files["slide"],
                  "--level", "1", "--region", "10,6,80,64", "--out", str(out), "--scale", "255",
-                 "--budget", "2GiB", "--out-dtype", "float64", "--no-progress"]) == 0
+                 "--budget", "16GiB", "--out-dtype", "float64", "--no-progress"]) == 0
     got = np.load(out)
     assert got.shape == (2, 80, 64) and got.dtype == np.float64
     a = files["rgb"][::2, ::2][10:90, 6:70]

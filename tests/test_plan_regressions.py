@@ -183,7 +183,7 @@ def test_L_a_budget_never_takes_a_tile_the_exact_plan_refuses(monkeypatch):
     monkeypatch.setattr("fxstream.budget.TILE_OPTIONS", (4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
     analysis = fxstream.analyze(build(spec), (1, 4, 70, 70))
     with pytest.raises(fxstream.PlanError, match="no plan fits a memory budget"):
-        make_plan(analysis, PlanOptions(memory_budget=650000),
+        make_plan(analysis, PlanOptions(memory_budget=600000),
                   Situation(baseline=0, image_grad=True))
     plan = make_plan(analysis, PlanOptions(memory_budget=700000),
                      Situation(baseline=0, image_grad=True))
