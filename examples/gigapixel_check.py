@@ -21,11 +21,13 @@ torch/zarr/tifffile imports included, about 0.68 GiB before the model runs):
   RSS 1.83 GiB. At 16,384²: 180 s, 2.02 GiB (cut after features_5, 25 tiles of 4096²).
 - ResNet-18 (frozen BatchNorm, ImageNet normalisation in the stem), one training step, budget
   3GiB: at 4096², 424 s, peak RSS 2.35 GiB (estimated 2.52 GiB; cuts after layer2.0 and
-  layer3.0's ReLUs, 9 tiles of 1536²). 16,384² was not run: about 16x that on this machine.
+  layer3.0's ReLUs, 9 tiles of 1536²). At 16,384² (measured later, load 2-4): 729 tiles of
+  1024², no cuts, 5040 s, peak RSS 1.82 GiB (estimated 2.26 GiB).
 - small U-Net inference into zarr (float32, 1024² chunks), budget 2.5GiB: at 16,384², 121 tiles,
   362 s, peak RSS 1.88 GiB during inference; the central 4096² region equal (max abs diff 0.0)
   to the in-memory streamed output of that region with a 64-pixel margin. At 8192²: 284 s,
-  1.45 GiB, region equal. 32,768² was not run: about 25 minutes more than the time left.
+  1.45 GiB, region equal. At 32,768² (measured later): 1156 tiles, 1254 s, peak RSS 1.30 GiB,
+  the central 4096² region equal.
 """
 from __future__ import annotations
 
