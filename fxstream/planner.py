@@ -153,7 +153,10 @@ def build_passes(analysis, options, cuts, tiles, pools, keeps) -> tuple[Pass, ..
     :class:`fxstream.segments.Step`), each with its tiles checked and lowered."""
     out = []
     for i, seg in enumerate(split_segments(analysis, cuts)):
-        whole = whole_step(analysis, seg) if len(seg.steps) > 1 else None
+        # one tile (its whole map) is possible only where the tile size covers the map
+        covers = all(t is None or t >= n for t, n in zip(tile_sizes(tiles[i], len(seg.sizes)),
+                                                          seg.sizes))
+        whole = whole_step(analysis, seg) if len(seg.steps) > 1 and covers else None
         if whole is not None:
             # where one tile holds the whole map, its statistics are computed inside it
             try:

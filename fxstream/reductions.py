@@ -24,7 +24,8 @@ def partial(s: SumOutput, y: torch.Tensor) -> torch.Tensor:
         return y.sum(s.dims, keepdim=True)
     if s.kind == "norm2":
         return (y * y).sum(s.dims, keepdim=True)
-    if s.kind == "moments":  # per group (and sample), without copying the tile's crop
+    if s.kind == "moments":  # per group (and sample), without copying the tile's crop; the
+        # same reduction as passes.statistics.moments, which the runtime may not import
         if s.batch:  # one group per channel, over the batch too
             dims = [0, *range(2, y.dim())]
         else:

@@ -31,7 +31,8 @@ def moments(x: torch.Tensor, groups: int, batch: bool = False) -> torch.Tensor:
     if batch:
         var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
     else:
-        var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=-1, correction=0)
+        xg = x.unflatten(1, (groups, -1))  # a view, also of a tile's crop
+        var, mean = torch.var_mean(xg, dim=list(range(2, xg.dim())), correction=0)
     return torch.stack([mean, var])
 
 
