@@ -80,13 +80,19 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
     memory = budget_memory(analysis, options, situation)
     limit = budget_search.BUDGET_MARGIN * memory.budget
     corrections, cache, measured_cache, smallest = {}, {}, {}, {}
-    phases = []
+    phases, peak, best = [], math.inf, None  # best: the least measured (peak, phases)
+    search = memory  # what the search plans for: the budget, less where plans measured over it
     for attempt in range(MEASURED_ATTEMPTS):
         # 2. the search picks cuts, tiles and kept graphs with the per-node memory model
-        choice = budget_search.choose_plan(analysis, memory, tile_size=options.tile_size,
-                                           cuts=cuts, keep_graphs=not options.offload,
-                                           corrections=corrections, cache=cache,
-                                           smallest=smallest)
+        try:
+            choice = budget_search.choose_plan(analysis, search, tile_size=options.tile_size,
+                                               cuts=cuts, keep_graphs=not options.offload,
+                                               corrections=corrections, cache=cache,
+                                               smallest=smallest)
+        except PlanError:
+            if search is memory:
+                raise
+            break  # nothing fits what is left of the budget: the last measured plan's error
         # 3. the segments' tiles, checked on the meta device, lowered to index tuples
         try:
             passes_ = build_passes(analysis, options, choice.cuts, choice.segment_tiles,
@@ -105,15 +111,20 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
         peak = max(ph.bytes for ph in phases)
         if peak <= limit:
             break
+        best = min(best or (peak, phases), (peak, phases), key=lambda b: b[0])
         corrections = _corrections(analysis, choice, passes_, phases, memory, corrections)
         if attempt >= MEASURED_ATTEMPTS // 2:  # new segments keep appearing at the edge:
-            # estimate the unmeasured ones as the worst measured so far
+            # estimate the unmeasured ones as the worst measured so far, and plan for less of
+            # the budget by the share the last plan measured over it (a larger budget must
+            # never be refused where a smaller one plans: the search's estimates are not exact)
             corrections[None] = max(corrections.values())
-    else:
-        if not phases:
+            search = replace(search, budget=int(search.budget * limit / peak))
+    if peak > limit:
+        if best is None:
             raise PlanError(f"no legal plan found for a memory budget of "
                             f"{size_text(memory.budget)} for input "
                             f"{tuple(analysis.input_shape)}")
+        peak, phases = best
         worst = max(phases, key=lambda ph: ph.bytes)
         raise PlanError(f"no plan fits a memory budget of {size_text(memory.budget)} for "
                         f"input {tuple(analysis.input_shape)}: the best found measures "
@@ -132,7 +143,7 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
 
 
 # how often the search is asked again when the measured plan exceeds the budget
-MEASURED_ATTEMPTS = 6
+MEASURED_ATTEMPTS = 8
 
 
 def plan_work(analysis, passes_) -> float:
