@@ -114,18 +114,28 @@ class _MetaProp(_MetaRun):
         self._states_seen = 0
         self._keys = set()  # storages of the modules' meta states
         self._attrs = set()  # storages of tensors read by get_attr
+        # every storage named by its address above, held weakly for the whole run: a weak
+        # reference keeps the address from being reused by a later storage (which would then
+        # pass for the first one and be counted for the wrong node, or not at all, varying from
+        # run to run with the interpreter's allocations)
+        self._refs = []
+
+    def _key(self, t) -> int:
+        ref = StorageWeakRef(t.untyped_storage())
+        self._refs.append(ref)
+        return ref.cdata
 
     def _state_keys(self) -> set:
         if self._states_seen != len(self._states):  # new module states since last time
             self._states_seen = len(self._states)
-            self._keys = {StorageWeakRef(v.untyped_storage()).cdata
+            self._keys = {self._key(v)
                           for state in self._states.values() for v in state.values()}
         return self._keys | self._attrs
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         if isinstance(value, torch.Tensor):  # a parameter read by a function: not a node's
-            self._attrs.add(StorageWeakRef(value.untyped_storage()).cdata)
+            self._attrs.add(self._key(value))
         return value
 
     def run(self, *args):
@@ -134,7 +144,7 @@ class _MetaProp(_MetaRun):
             return super().run(*args)
 
     def _pack(self, t):
-        key = StorageWeakRef(t.untyped_storage()).cdata
+        key = self._key(t)
         if key not in self._saved and key not in self._state_keys():
             self._saved.add(key)
             owner = self._producer.get(key, self._current)
@@ -163,7 +173,7 @@ class _MetaProp(_MetaRun):
             result, lambda r: _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else r)
         for t in torch.utils._pytree.tree_leaves(result):
             if isinstance(t, torch.Tensor):
-                self._producer.setdefault(StorageWeakRef(t.untyped_storage()).cdata, n)
+                self._producer.setdefault(self._key(t), n)
         if self._counter is not None:
             n.meta[WORK] = self._counter.get_total_flops() - before
         return result

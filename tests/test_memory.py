@@ -85,3 +85,29 @@ def test_the_full_image_step_grows_with_the_image():
     small = full_step_live(fxstream.analyze(model, (1, 3, 1024, 1024)))
     large = full_step_live(fxstream.analyze(model, (1, 3, 2048, 2048)))
     assert 3.7 < large / small < 4.0  # activations dominate: four times the pixels
+
+
+_SAVED_SCRIPT = """
+import json, torchvision, fxstream, passes
+a = fxstream.analyze(torchvision.models.resnet18().train(), (1, 3, 64, 64))
+print(json.dumps({n.name: n.meta.get(passes.SAVED) for n in a.graph_module.graph.nodes}))
+"""
+
+
+def test_saved_bytes_do_not_depend_on_the_interpreters_allocations():
+    """The meta run named storages by address; a freed storage's address, reused by a later
+    one, made that one pass for the first: train-mode ResNet-18's saved bytes per node (and so
+    every budget plan) changed with PYTHONHASHSEED. Storages are now held weakly for the run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", _SAVED_SCRIPT], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    assert runs[0] == runs[1] == runs[2]
+    assert sum(v or 0 for v in runs[0].values()) > 0
