@@ -86,8 +86,9 @@ def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: fl
 
     The model is deep-copied and cast to ``dtype`` (the caller's model is left alone); both runs
     use the same weights, image and loss. A parameter gradient under ``NOISE_FLOOR`` times the
-    largest one (zero in exact arithmetic, such as a bias before a norm) is compared against
-    that floor rather than against its own rounding noise. Returns a :class:`CheckResult` with one row for the
+    largest one (zero in exact arithmetic, such as a bias before a norm), and an image gradient
+    under it (a spatial mean after a train-mode norm), is compared against that floor rather
+    than against its own rounding noise. Returns a :class:`CheckResult` with one row for the
     output(s), one for the image gradient and one per parameter gradient. ``cuts`` and
     ``memory_budget`` are passed to :func:`fxstream.compile` (multi-cut plans).
     ``channels_last`` stores the model and image channels-last (4-d images); ``offload`` keeps
@@ -129,9 +130,10 @@ def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: fl
     _loss(stream_outs, weights).backward()
     diffs = [diff(f"output[{i}]" if len(full_outs) > 1 else "output", s, f, tol)
              for i, (s, f) in enumerate(zip(stream_outs, full_outs))]
-    diffs.append(diff("input gradient", x_stream.grad.to(x_full.device), x_full.grad, tol))
     largest = max([g.abs().max().item() for g in full_grads.values()
                    if g is not None and g.numel()] + [0.0])
+    diffs.append(diff("input gradient", x_stream.grad.to(x_full.device), x_full.grad, tol,
+                      largest))
     diffs += [diff(n, p.grad, full_grads[n], tol, largest) for n, p in params]
     return CheckResult(tuple(input_shape), tile_size, str(dtype), tol,
                        sm.plan(x.shape, x.dtype).num_tiles, tuple(diffs))

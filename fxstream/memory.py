@@ -261,9 +261,10 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             # backward: autograd refuses them
             outs = [o for o in outs if o.requires_grad]
             grads_in = [torch.ones_like(o) for o in outs]
-            if outs:
-                torch.autograd.backward(outs, grads_in)
-        backward = bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
+            failed = bool(outs) and _backward_fails(
+                lambda: torch.autograd.backward(outs, grads_in))
+        backward = 0 if failed else \
+            bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
         return PassMemory(max(forward, 0), max(backward, 0), kept if p.keep else 0)
     params = [q for q in graph.parameters() if q.requires_grad]
     if not params and not source_grad:  # nothing to differentiate: the pass has no backward
@@ -271,12 +272,28 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     with torch.enable_grad():
         outs = StreamFunction.apply(engine, source, len(side), *side, *params)
         grads_in = [torch.ones_like(o) for o in outs]
+        got = []
         with _Tracker(backend) as bwd:
-            got = torch.autograd.grad(outs, ([source] if source_grad else []) + params,
-                                      grads_in, allow_unused=True)
+            if _backward_fails(lambda: got.extend(torch.autograd.grad(
+                    outs, ([source] if source_grad else []) + params, grads_in,
+                    allow_unused=True))):
+                return PassMemory(max(forward, 0), 0, 0)
             full = sum(g.untyped_storage().nbytes() for g in got[:1]) if source_grad else 0
     backward = bwd.peak - full
     return PassMemory(max(forward, 0), max(backward, 0), 0)
+
+
+def _backward_fails(run) -> bool:
+    """Run a backward; True when autograd refuses it because the model writes in place a
+    tensor its backward needs (the full model's own backward fails the same way, so the plan is
+    still good for inference; a training step raises autograd's error as the model would)."""
+    try:
+        run()
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        return True
+    return False
 
 
 __all__ = ["ALLOCATOR_FACTOR", "GRADS_IN_FLIGHT", "NodeCost", "PassMemory", "measure_pass",

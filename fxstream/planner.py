@@ -82,7 +82,7 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
     corrections, cache, measured_cache, smallest = {}, {}, {}, {}
     phases, peak, best = [], math.inf, None  # best: the least measured (peak, phases)
     search = memory  # what the search plans for: the budget, less where plans measured over it
-    for attempt in range(MEASURED_ATTEMPTS):
+    for attempt in range(MEASURED_ATTEMPTS + SMALLER_ATTEMPTS):
         # 2. the search picks cuts, tiles and kept graphs with the per-node memory model
         try:
             choice = budget_search.choose_plan(analysis, search, tile_size=options.tile_size,
@@ -114,10 +114,12 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
         best = min(best or (peak, phases), (peak, phases), key=lambda b: b[0])
         corrections = _corrections(analysis, choice, passes_, phases, memory, corrections)
         if attempt >= MEASURED_ATTEMPTS // 2:  # new segments keep appearing at the edge:
-            # estimate the unmeasured ones as the worst measured so far, and plan for less of
-            # the budget by the share the last plan measured over it (a larger budget must
-            # never be refused where a smaller one plans: the search's estimates are not exact)
-            corrections[None] = max(corrections.values())
+            # estimate the unmeasured ones as the worst measured so far
+            corrections[None] = max(corrections.values(), default=1.0)
+        if attempt >= MEASURED_ATTEMPTS - 1:
+            # corrections alone can keep finding another plan just over the limit (the
+            # search's estimates are not exact): plan for less of the budget, by the share the
+            # last plan measured over it, rather than refuse a budget a smaller one plans under
             search = replace(search, budget=int(search.budget * limit / peak))
     if peak > limit:
         if best is None:
@@ -142,8 +144,10 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
     return _finish(analysis, options, situation, passes_, choice.cuts, memory.budget, estimate)
 
 
-# how often the search is asked again when the measured plan exceeds the budget
-MEASURED_ATTEMPTS = 8
+# how often the search is asked again with corrections when the measured plan exceeds the
+# budget, and then how often for less of the budget
+MEASURED_ATTEMPTS = 6
+SMALLER_ATTEMPTS = 4
 
 
 def plan_work(analysis, passes_) -> float:

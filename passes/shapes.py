@@ -118,12 +118,11 @@ class _MetaProp(_MetaRun):
         # reference keeps the address from being reused by a later storage (which would then
         # pass for the first one and be counted for the wrong node, or not at all, varying from
         # run to run with the interpreter's allocations)
-        self._refs = []
+        self._refs = {}
 
     def _key(self, t) -> int:
         ref = StorageWeakRef(t.untyped_storage())
-        self._refs.append(ref)
-        return ref.cdata
+        return self._refs.setdefault(ref.cdata, ref).cdata
 
     def _state_keys(self) -> set:
         if self._states_seen != len(self._states):  # new module states since last time

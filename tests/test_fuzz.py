@@ -256,8 +256,9 @@ def _step(fn, model, x, weights=None, gen=None, buffers=False) -> tuple[dict, li
 
 def _compare(got: dict, want: dict, every: bool = False) -> list:
     """The differences over the tolerance (``every``: all of them), by ``fxstream.check.diff``
-    (parameter gradients with the largest one as the floor of those that are zero in exact
-    arithmetic)."""
+    (parameter and image gradients with the largest parameter gradient as the floor of those
+    that are zero in exact arithmetic: the image gradient of train-mode norms followed by a
+    spatial mean)."""
     largest = max([t.abs().max().item() for n, t in want.items()
                    if n.startswith("grad ") and t is not None and t.numel()] + [0.0])
     out = []
@@ -266,7 +267,8 @@ def _compare(got: dict, want: dict, every: bool = False) -> list:
         if w is not None and not w.is_floating_point():
             assert torch.equal(g, w), (name, g, w)
             continue
-        d = diff(name, g, w, TOL, largest if name.startswith("grad ") else 0.0)
+        d = diff(name, g, w, TOL, largest if name.startswith("grad ") or
+                 name == "input gradient" else 0.0)
         if every or not d.ok:
             out.append(d)
     return out
