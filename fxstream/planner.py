@@ -336,7 +336,9 @@ def _smallest_tiles(analysis: Analysis, cuts) -> dict:
 
 def smallest_tile_size(analysis: Analysis, cuts=()) -> tuple[int, ...]:
     """Per spatial axis, the smallest ``tile_size`` that has a legal plan for the first segment
-    (the one that reads the image), every step of it."""
+    (the one that reads the image), every step of it. Raises :class:`PlanError` for an image
+    too small for the stem."""
+    check_stem_sizes(analysis)
     segs = split_segments(analysis, resolve_cuts(analysis, cuts))
     if not segs:  # nothing is streamed (the image is the boundary): any tile will do
         return (1,) * (len(analysis.input_shape) - 2)

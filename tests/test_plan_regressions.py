@@ -340,3 +340,30 @@ def test_R_an_image_gradient_zero_in_exact_arithmetic_is_compared_against_the_fl
     row = next(d for d in result.diffs if d.name == "input gradient")
     assert row.max_abs < 1e-15  # noise, not a missing term
     assert result.num_tiles > 1
+
+
+class CropToNothing(nn.Module):
+    """A crop that leaves nothing of a small image (torch allows the empty map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1, bias=False)
+        self.pool = nn.MaxPool2d(3, stride=3, padding=1, ceil_mode=True)
+
+    def forward(self, x):
+        y = F.pad(self.pool(self.c(x)), (-1, -1, -1, -1))
+        return y[:, :, 2:y.shape[2] - 1, 2:y.shape[3] - 1].flatten(1).sum(1)
+
+
+def test_S_the_smallest_tile_of_a_stem_whose_map_is_empty_is_a_plan_error():
+    """The fuzzer's seed 7: ``smallest_tile_size`` (the size an error suggests) tiled an empty
+    map and failed with ``max() arg is an empty sequence``; it now says the image is too small,
+    as compile does."""
+    from fxstream.planner import smallest_tile_size
+
+    analysis = fxstream.analyze(CropToNothing(), (1, 3, 12, 12))
+    with pytest.raises(fxstream.PlanError, match="too small for the stem"):
+        smallest_tile_size(analysis)
+    with pytest.raises(fxstream.PlanError, match="too small for the stem"):
+        fxstream.compile(CropToNothing(), input_shape=(1, 3, 12, 12), tile_size=6,
+                         memory_budget=None)
