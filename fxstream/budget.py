@@ -38,11 +38,14 @@ WHOLE_LAST_WORK = 0.75  # a kept graph runs F + B instead of F + F + B, with B =
 # at the speed of a convolution): it keeps the search from cuts that save less than they cost
 CUT_WORK = 32
 # a tile loop without the host memory pool (fxstream.hostmem) re-faults every page of every
-# tile: the segment image -> layer2.0 of ResNet-18 (frozen BatchNorm) at 4096² in tiles of 768
-# measured 37.5 s a step unpooled and 22 s pooled (1.7x; /proc THP "madvise", glibc 2.36); the
+# tile: ResNet-18 4096² measured 45.7 s without it and 36.5-37.7 s with it (1.2-1.25x); the
 # pooled loop's heap holds ALLOCATOR_FACTOR["cpu"] times its live bytes, so where memory is
-# tight the search runs a segment's tiles unpooled instead
-UNPOOLED_COST = 1.7
+# tight the search runs a segment's tiles unpooled instead. One segment alone costs more
+# unpooled (image -> layer2.0 of ResNet-18 in tiles of 768: 37.5 s against 22 s a step, 1.7x),
+# but costing every segment so chose plans with fewer cuts and more overlap that were slower
+# (`fxstream bench ... --budget 1.94GiB --variants streamed`: 47.9 s against 42.7 s): the cost
+# of page faults grows with a segment's bytes per FLOP, which one factor does not capture
+UNPOOLED_COST = 1.2
 # the default budget: this share of the full image's estimated peak, and never less than
 # AUTO_MIN_STEP above what the process holds (a small image gains nothing from tiny tiles)
 AUTO_SHARE = 0.25

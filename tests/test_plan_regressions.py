@@ -367,3 +367,46 @@ def test_S_the_smallest_tile_of_a_stem_whose_map_is_empty_is_a_plan_error():
     with pytest.raises(fxstream.PlanError, match="too small for the stem"):
         fxstream.compile(CropToNothing(), input_shape=(1, 3, 12, 12), tile_size=6,
                          memory_budget=None)
+
+
+def test_P2_when_corrections_keep_missing_the_planner_plans_for_less(monkeypatch):
+    """The mechanics behind test P, forced: the first six measured plans come out just over the
+    limit whatever they are (as the corrected searches did for train-mode ResNet-18). With no
+    attempts for less of the budget the planner refuses; with them it plans, under the limit,
+    for a smaller share of the budget."""
+    import torchvision
+    from dataclasses import replace
+
+    from fxstream import planner
+    from fxstream.planner import PlanOptions, Situation, make_plan
+
+    analysis = fxstream.analyze(
+        fxstream.freeze_batchnorm(torchvision.models.resnet18()).train(), (1, 3, 1024, 1024))
+    where = Situation(baseline=0, available=64 * 2**30)
+    options = PlanOptions(memory_budget="600MiB")
+    limit = 0.95 * 600 * 2**20
+    real, calls, searched = planner.measure_plan, [], []
+
+    def just_over(*args, **kwargs):
+        calls.append(1)
+        measured, phases = real(*args, **kwargs)
+        if len(calls) <= planner.MEASURED_ATTEMPTS:
+            top = max(ph.bytes for ph in phases)
+            phases = [replace(ph, bytes=int(ph.bytes * 1.01 * limit / top)) for ph in phases]
+        return measured, phases
+
+    def choose(analysis_, memory, **kwargs):
+        searched.append(memory.budget)
+        return choose_plan(analysis_, memory, **kwargs)
+
+    choose_plan = planner.budget_search.choose_plan
+    monkeypatch.setattr(planner, "measure_plan", just_over)
+    monkeypatch.setattr(planner.budget_search, "choose_plan", choose)
+    monkeypatch.setattr(planner, "SMALLER_ATTEMPTS", 0)
+    with pytest.raises(fxstream.PlanError, match="no plan fits a memory budget of 0.59 GiB"):
+        make_plan(analysis, options, where)
+    calls.clear(), searched.clear()
+    monkeypatch.setattr(planner, "SMALLER_ATTEMPTS", 4)
+    plan = make_plan(analysis, options, where)
+    assert plan.estimate.peak <= limit and plan.budget == 600 * 2**20
+    assert len(searched) > planner.MEASURED_ATTEMPTS and searched[-1] < 600 * 2**20
