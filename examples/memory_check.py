@@ -12,9 +12,10 @@ peak, its measured peak (``ru_maxrss``) and, per pass, the peak resident memory 
 and backward (VmHWM, reset through ``/proc/self/clear_refs`` when each begins) next to the
 estimate of that phase. Estimate and measurement are compared above the memory the process
 held when the plan was made: the estimate above the plan's baseline (that memory rounded up to
-64 MiB, a margin the budget keeps), the measured peak above the resident memory at the moment the plan read it
-(both include the image, allocated after compile). ``--factor`` replaces the CPU allocator factor of
-``fxstream.memory.ALLOCATOR_FACTOR`` (1.0 shows the live bytes alone, for calibrating it).
+64 MiB, a margin the budget keeps), the measured peak above the resident memory at the moment
+the plan read it (both include the image, allocated after compile). ``--factor`` replaces the
+CPU allocator factor of ``fxstream.memory.ALLOCATOR_FACTOR`` (1.0 shows the live bytes alone,
+for calibrating it).
 """
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v2", "densenet121", "convnext_tiny"
 GiB = 2**30
 
 
-def hwm() -> int:
+def _status(field: str) -> int:
     with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def hwm() -> int:
+    return _status("VmHWM")
 
 
 def rss() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) * 1024
+    return _status("VmRSS")
 
 
 def reset_hwm() -> None:
@@ -77,8 +81,10 @@ def child(config: dict) -> dict:
         return rounded()
 
     fxstream.budget.current_rss = current_rss
-    sm = fxstream.compile(model, input_shape=shape, memory_budget=budget)
-    fxstream.budget.current_rss = rounded
+    try:
+        sm = fxstream.compile(model, input_shape=shape, memory_budget=budget)
+    finally:
+        fxstream.budget.current_rss = rounded
     plan = sm.plan(shape)
     phases = []
     real_forward, real_backward = runtime.PassEngine.run_forward, runtime.StreamFunction.backward
@@ -117,7 +123,8 @@ def child(config: dict) -> dict:
     peak = max([baseline] + [v for _, v in phases])
     return dict(model=config["model"], shape=list(shape), budget=plan.budget,
                 estimated=plan.estimate.peak, baseline=plan.estimate.baseline,
-                rss_before=baseline, rss_at_plan=at_plan[-1], measured=peak, seconds=seconds, cuts=list(plan.cuts),
+                rss_before=baseline, rss_at_plan=at_plan[-1], measured=peak, seconds=seconds,
+                cuts=list(plan.cuts),
                 tiles=[p.num_tiles for p in plan.passes], keep=[p.keep for p in plan.passes],
                 estimated_phases=[list(p) for p in plan.estimate.phases],
                 measured_phases=[list(p) for p in phases])

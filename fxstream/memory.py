@@ -261,8 +261,12 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             # backward: autograd refuses them
             outs = [o for o in outs if o.requires_grad]
             grads_in = [torch.ones_like(o) for o in outs]
-            failed = bool(outs) and _backward_fails(
-                lambda: torch.autograd.backward(outs, grads_in))
+            failed = False
+            try:
+                if outs:
+                    torch.autograd.backward(outs, grads_in)
+            except RuntimeError as e:
+                failed = _own_inplace_error(e)
         backward = 0 if failed else \
             bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
         return PassMemory(max(forward, 0), max(backward, 0), kept if p.keep else 0)
@@ -272,28 +276,25 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     with torch.enable_grad():
         outs = StreamFunction.apply(engine, source, len(side), *side, *params)
         grads_in = [torch.ones_like(o) for o in outs]
-        got = []
         with _Tracker(backend) as bwd:
-            if _backward_fails(lambda: got.extend(torch.autograd.grad(
-                    outs, ([source] if source_grad else []) + params, grads_in,
-                    allow_unused=True))):
-                return PassMemory(max(forward, 0), 0, 0)
+            try:
+                got = torch.autograd.grad(outs, ([source] if source_grad else []) + params,
+                                          grads_in, allow_unused=True)
+            except RuntimeError as e:
+                if _own_inplace_error(e):
+                    return PassMemory(max(forward, 0), 0, 0)
             full = sum(g.untyped_storage().nbytes() for g in got[:1]) if source_grad else 0
     backward = bwd.peak - full
     return PassMemory(max(forward, 0), max(backward, 0), 0)
 
 
-def _backward_fails(run) -> bool:
-    """Run a backward; True when autograd refuses it because the model writes in place a
-    tensor its backward needs (the full model's own backward fails the same way, so the plan is
-    still good for inference; a training step raises autograd's error as the model would)."""
-    try:
-        run()
-    except RuntimeError as e:
-        if "modified by an inplace operation" not in str(e):
-            raise
-        return True
-    return False
+def _own_inplace_error(e: RuntimeError) -> bool:
+    """Whether a backward failed because the model writes in place a tensor its backward needs
+    (the full model's own backward fails the same way, so the plan is still good for inference
+    and a training step raises autograd's error as the model would); re-raises anything else."""
+    if "modified by an inplace operation" not in str(e):
+        raise e
+    return True
 
 
 __all__ = ["ALLOCATOR_FACTOR", "GRADS_IN_FLIGHT", "NodeCost", "PassMemory", "measure_pass",

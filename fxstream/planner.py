@@ -92,7 +92,7 @@ def make_plan(analysis: Analysis, options: PlanOptions, situation: Situation = S
         except PlanError:
             if search is memory:
                 raise
-            break  # nothing fits what is left of the budget: the last measured plan's error
+            break  # nothing fits what is left of the budget: the least measured plan's error
         # 3. the segments' tiles, checked on the meta device, lowered to index tuples
         try:
             passes_ = build_passes(analysis, options, choice.cuts, choice.segment_tiles,
