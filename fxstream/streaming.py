@@ -280,8 +280,8 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
     """Compile ``model`` into a :class:`StreamingModule` that streams its local stem.
 
     Plans are made per input shape (and mode): without ``tile_size`` or ``memory_budget`` each
-    input shape gets the fastest plan under the default budget (``"auto"``: a quarter of the
-    full image's estimated peak memory, at least 512 MiB above what the process holds, at most
+    input shape gets the fastest plan under the default budget (``"auto"``: 28% of the full
+    image's estimated peak memory, at least 512 MiB above what the process holds, at most
     90% of the memory available).
 
     Args:

@@ -63,7 +63,7 @@ from hypothesis.errors import InvalidArgument
 import fxstream
 import passes
 from fxstream.check import diff, tensors_of
-from fxstream.planner import smallest_tile_size
+from fxstream.legal import smallest_tile_size
 from fxstream.segments import cut_candidates
 
 from .fuzz_stems import Spec, build, specs

@@ -11,7 +11,7 @@ import pytest
 
 import fxstream
 import fxstream.check
-from fxstream.planner import smallest_tile_size
+from fxstream.legal import smallest_tile_size
 
 from passes import Local, NonLocal, input_symbols
 from tests.oracle import (Conv, ConvT, Crop, Join, Pad, Pool, Up, as_fraction, build,

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxstream
-from fxstream.planner import smallest_tile_size
+from fxstream.legal import smallest_tile_size
 from fxstream.check import check
 from tests.test_rules import Fn
 

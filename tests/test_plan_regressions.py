@@ -267,7 +267,7 @@ def test_O_no_tile_leaves_an_empty_piece_inside_the_stem(net, channels):
     refused it ("Output size is too small", "Only zero batch or zero channel inputs"). A tile
     is now legal only if no value inside it is empty. Found by the fuzzer (seeds 3 and 4)."""
     shape = (1, channels, 12, 12)
-    tile = fxstream.planner.smallest_tile_size(fxstream.analyze(net(), input_shape=shape))
+    tile = fxstream.legal.smallest_tile_size(fxstream.analyze(net(), input_shape=shape))
     result = exact(net(), shape, tile)
     assert result.num_tiles > 1
 
@@ -359,7 +359,7 @@ def test_S_the_smallest_tile_of_a_stem_whose_map_is_empty_is_a_plan_error():
     """The fuzzer's seed 7: ``smallest_tile_size`` (the size an error suggests) tiled an empty
     map and failed with ``max() arg is an empty sequence``; it now says the image is too small,
     as compile does."""
-    from fxstream.planner import smallest_tile_size
+    from fxstream.legal import smallest_tile_size
 
     analysis = fxstream.analyze(CropToNothing(), (1, 3, 12, 12))
     with pytest.raises(fxstream.PlanError, match="too small for the stem"):

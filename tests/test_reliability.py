@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fxstream
 from fxstream.budget import current_rss
 from fxstream.check import check
-from fxstream.planner import smallest_tile_size
+from fxstream.legal import smallest_tile_size
 
 TOL = 1e-10
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 import fxstream
-from fxstream.planner import smallest_tile_size
+from fxstream.legal import smallest_tile_size
 from fxstream.check import check
 from tests.zoo import HANDWRITTEN, ZOO
 
