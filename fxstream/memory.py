@@ -232,11 +232,14 @@ def _spatial(p: Pass, shape) -> dict:
 
 
 def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False,
-                 backend: str = "cpu") -> PassMemory:
+                 backend: str = "cpu", read_sums=None) -> PassMemory:
     """Run the pass's largest tile on the meta device with the runtime's own code and track what
     it allocates: the peak of the forward (no grad) and of the backward (recompute with grad
     and back-propagation), less the full-size maps (outputs, the source's gradient) the plan
-    counts apart; and for a pass that keeps its graph, what stays alive until its backward."""
+    counts apart; and for a pass that keeps its graph, what stays alive until its backward.
+    ``read_sums``: per sum of the pass, whether what it computes is read with grad (by a later
+    pass or the head; default: all are), as in the step, where a sum nobody reads gets no
+    gradient and adds no backward through its summed tensor."""
     graph = copy.deepcopy(p.graph).to("meta")
     tile = p.tiles[0]
     spec = replace(p, tiles=(tile,), graph=graph)
@@ -259,7 +262,7 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             kept = bwd.current - sum(o.untyped_storage().nbytes() for o in outs)
             # outputs that need no gradient (no parameter, a source without grad) have no
             # backward: autograd refuses them
-            outs = [o for o in outs if o.requires_grad]
+            outs = [o for o in _read(outs, p, read_sums) if o.requires_grad]
             grads_in = [torch.ones_like(o) for o in outs]
             failed = False
             try:
@@ -274,7 +277,8 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     if not params and not source_grad:  # nothing to differentiate: the pass has no backward
         return PassMemory(max(forward, 0), 0, 0)
     with torch.enable_grad():
-        outs = StreamFunction.apply(engine, source, len(side), *side, *params)
+        outs = _read(StreamFunction.apply(engine, source, len(side), *side, *params), p,
+                     read_sums)
         grads_in = [torch.ones_like(o) for o in outs]
         with _Tracker(backend) as bwd:
             try:
@@ -286,6 +290,14 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             full = sum(g.untyped_storage().nbytes() for g in got[:1]) if source_grad else 0
     backward = bwd.peak - full
     return PassMemory(max(forward, 0), max(backward, 0), 0)
+
+
+def _read(outs, p: Pass, read_sums) -> list:
+    """The pass's outputs that get a gradient in the step: its maps, and the sums read."""
+    n_maps = len(p.outputs)
+    if read_sums is None:
+        return list(outs)
+    return list(outs[:n_maps]) + [o for o, r in zip(outs[n_maps:], read_sums) if r]
 
 
 def _own_inplace_error(e: RuntimeError) -> bool:

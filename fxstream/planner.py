@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import passes
-from passes import GEOMETRY
+from passes import GEOMETRY, ROLE, Local
 
 from . import budget as budget_search
 from . import memory as memory_model
@@ -232,15 +232,17 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
     image = image_node(gm).name
     cache = {} if cache is None else cache
     measured = []
-    for p in passes_:
+    for i, p in enumerate(passes_):
         grad = p.source != image or memory.image_grad
+        read = sums_read(nodes, p, passes_[i + 1:])
         key = (p.source, tuple(o.name for o in p.outputs), tuple(s.name for s in p.sums),
-               p.side_inputs, p.tiles[0].lengths, p.view_input, p.keep, grad)
+               p.side_inputs, p.tiles[0].lengths, p.view_input, p.keep, grad, read)
         if key not in cache:
             tm = nodes[p.source].meta["tensor_meta"]
             side = [meta_value(nodes[s].meta.get("tensor_meta")) for s in p.side_inputs]
             cache[key] = memory_model.measure_pass(p, tm.shape, tm.dtype, side,
-                                                   source_grad=grad, backend=memory.device)
+                                                   source_grad=grad, backend=memory.device,
+                                                   read_sums=read)
         measured.append(cache[key])
     map_bytes = [sum(_bytes(nodes[o.name]) for o in p.outputs if o.name in cuts)
                  for p in passes_]
@@ -250,6 +252,28 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
     phases = memory_model.plan_phases(passes_, measured, map_bytes, source_grads, memory.fixed,
                                       factor)
     return measured, phases
+
+
+def sums_read(nodes, p: Pass, later) -> tuple[bool, ...]:
+    """Per sum of pass ``p``: whether a statistic computed from it is read by a ``later`` pass
+    (a side input) or by the head, so that the step back-propagates into it (a segment run in
+    one tile computes its statistics inside the tile; its sums then often serve nothing that
+    needs their gradient)."""
+    side = {s for q in later for s in q.side_inputs}
+    out = []
+    for s in p.sums:
+        seen, stack, read = set(), [nodes[s.name]], False
+        while stack and not read:
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            read = node.name in side or node.op == "output" or node.meta.get(ROLE) == "head"
+            # statistics derived from it (not the maps that mix it in: those are the pass's)
+            stack += [u for u in node.users if u.op == "output" or u.meta.get(ROLE) == "head"
+                      or not isinstance(u.meta.get(GEOMETRY), Local)]
+        out.append(read)
+    return tuple(out)
 
 
 def _corrections(analysis, choice, passes_, phases, memory, corrections):
