@@ -6,8 +6,9 @@
 
 Each run is one training step (forward, sum of the outputs, backward) of a torchvision model
 with frozen BatchNorm, float32 on the CPU, compiled with a memory budget; every run is a fresh
-process. The budget is given as a share of the full image's estimated step above the process
-baseline (``--budgets 0.25`` = baseline + a quarter of it). A run reports the plan's estimated
+process. The budget is given as a share of the full image's estimated step above the baseline
+of the run's own process, with the model built (``--budgets 0.25`` = baseline + a quarter of
+it). A run reports the plan's estimated
 peak, its measured peak (``ru_maxrss``) and, per pass, the peak resident memory of its forward
 and backward (VmHWM, reset through ``/proc/self/clear_refs`` when each begins) next to the
 estimate of that phase. Estimate and measurement are compared above the memory the process
@@ -72,7 +73,9 @@ def child(config: dict) -> dict:
     torch.set_num_threads(config.get("threads", 2))
     model = fxstream.freeze_batchnorm(build(config["model"])).train()
     shape = tuple(config["shape"])
-    budget = config["budget"]
+    # the baseline plus a share of the full image's step, the baseline this fresh process's own
+    # (the parent's resident memory grows with every model it analysed)
+    budget = int(fxstream.budget.current_rss() + config["share"] * config["full"])
     at_plan = []  # what the process holds when the plan reads its baseline (image not yet)
     rounded = fxstream.budget.current_rss
 
@@ -156,7 +159,6 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     import fxstream
-    from fxstream.budget import current_rss
     from fxstream.memory import full_step_live
 
     if args.pairs:
@@ -171,9 +173,8 @@ def main(argv=None) -> int:
             full = full_step_live(fxstream.analyze(fxstream.freeze_batchnorm(build(name)),
                                                    shape))
             for share in shares:
-                base = current_rss()  # about what a fresh process holds with the model
-                budget = int(base + share * full)
-                rec = run(dict(model=name, shape=shape, budget=budget, factor=args.factor))
+                rec = run(dict(model=name, shape=shape, share=share, full=full,
+                               factor=args.factor))
                 records.append(rec)
                 if "error" in rec:
                     print(f"{name:14s} {size:5d} {share:4.2f}  error: {rec['error']}",
