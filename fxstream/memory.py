@@ -238,8 +238,10 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     and back-propagation), less the full-size maps (outputs, the source's gradient) the plan
     counts apart; and for a pass that keeps its graph, what stays alive until its backward.
     ``read_sums``: per sum of the pass, whether what it computes is read with grad (by a later
-    pass or the head; default: all are), as in the step, where a sum nobody reads gets no
-    gradient and adds no backward through its summed tensor."""
+    pass or the head; default: all are). As in the step, only those get a gradient: in a pass
+    that keeps its graph a sum nobody reads adds no backward through its summed tensor; a
+    recomputed pass is handed zeros for it by autograd and back-propagates them (in the step
+    and here alike)."""
     graph = copy.deepcopy(p.graph).to("meta")
     tile = p.tiles[0]
     spec = replace(p, tiles=(tile,), graph=graph)
@@ -293,7 +295,7 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
 
 
 def _read(outs, p: Pass, read_sums) -> list:
-    """The pass's outputs that get a gradient in the step: its maps, and the sums read."""
+    """The pass's outputs the step gives a gradient: its maps, and the sums read."""
     n_maps = len(p.outputs)
     if read_sums is None:
         return list(outs)

@@ -114,7 +114,9 @@ def test_a_budget_is_planned_for_each_input_shape():
     import torchvision
 
     model = torchvision.models.resnet18(num_classes=3).eval()
-    budget = current_rss() + 768 * 2**20
+    # room above what the process holds: the plans keep 5% of the whole budget in reserve, and
+    # late in the suite the process holds several GiB
+    budget = current_rss() + 1024 * 2**20
     sm = fxstream.compile(model, memory_budget=budget)
     small, large = sm.plan((1, 3, 512, 512)), sm.plan((1, 3, 3072, 3072))
     assert small.budget == large.budget == budget
