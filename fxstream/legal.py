@@ -104,6 +104,7 @@ def validator(analysis: Analysis, seg: Segment, step=None):
 
 
 def meta_value(tm):
+    """A meta tensor of a recorded ``tensor_meta`` (other values as they are)."""
     if hasattr(tm, "shape") and hasattr(tm, "dtype"):
         return torch.empty(tuple(tm.shape), dtype=tm.dtype, device="meta")
     return tm
