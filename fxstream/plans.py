@@ -96,7 +96,10 @@ class Estimate:
     peak: int  # estimated peak memory of a training step, baseline included
     baseline: int  # memory in use when the plan was made (resident or device-allocated)
     stored: int  # bytes of the stored cut maps
-    work: float  # estimated stem work / full-image stem work (forward + backward)
+    # estimated stem work, relative to streaming the whole stem once without overlap (forward
+    # twice, backward once: 1.0); a pass that keeps its graph runs forward once (the full
+    # image's own step is 0.75)
+    work: float
     full_peak: int | None = None  # the same model's estimate for the full image
     phases: tuple = ()  # (name, bytes) of every phase of a step: each pass's forward, backward
 

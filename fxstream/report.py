@@ -235,7 +235,8 @@ def _plan(a: Analysis, p: PlanSummary | None):
         grid.add_row("  budget", f"{human_bytes(p.budget)} (process baseline "
                      f"{human_bytes(p.baseline)} included)")
         grid.add_row("  peak memory", f"{human_bytes(p.estimated_peak)} estimated")
-        grid.add_row("  work", f"{p.work:.2f}× the full-image stem's (estimated from FLOPs)")
+        grid.add_row("  work", f"{p.work:.2f}× the stem streamed once without overlap (forward "
+                     "twice, backward once; the full image's own step is 0.75), from FLOPs")
     for note in p.notes:
         grid.add_row("  note", note)
     if len(p.passes) == 1:

@@ -61,8 +61,8 @@ def render_bench(result: BenchResult, console) -> None:
             tile = _axes(p.passes[0].tile_size) if p.passes else "-"
             console.print(f"  streamed plan: cuts {', '.join(p.cuts) or 'none'}, first tile "
                           f"{tile}, budget {human_bytes(p.budget)}, estimated peak "
-                          f"{human_bytes(p.estimated_peak)}, work {p.work:.2f}× the full "
-                          "stem's")
+                          f"{human_bytes(p.estimated_peak)}, work {p.work:.2f}× the stem "
+                          "streamed once without overlap")
         if size.floor is not None:
             f = size.floor
             at = f" = {f.seconds:.3g} s (from {f.basis})" if f.seconds is not None else ""
