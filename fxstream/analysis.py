@@ -63,6 +63,12 @@ class Analysis:
     graph_module: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
     @property
+    def size_values(self) -> dict:
+        """The input's spatial size symbols (``passes.input_symbols``) -> their values here."""
+        symbols = passes.input_symbols(len(self.input_shape) - 2)
+        return dict(zip(symbols, self.input_shape[2:]))
+
+    @property
     def stem_share(self) -> float | None:
         """The stem's share of the model's forward work (None for a model without any)."""
         return self.stem_flops / self.total_flops if self.total_flops else None

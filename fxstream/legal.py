@@ -22,7 +22,7 @@ from .tiling import TilePlan, plan_tiles, smallest_tile
 def check_stem_sizes(analysis: Analysis):
     """Every stem tensor must be non-empty on this image (else the image is too small)."""
     gm = analysis.graph_module
-    values = _values(analysis)
+    values = analysis.size_values
     for node in gm.graph.nodes:
         g = node.meta.get(GEOMETRY)
         if node.meta.get(ROLE) not in ("stem", "boundary") or not isinstance(g, Local):
@@ -34,11 +34,6 @@ def check_stem_sizes(analysis: Analysis):
                     f"the image {tuple(analysis.input_shape)} is too small for the stem: "
                     f"'{node.name}' ({passes.qualname(node) or node.op}) would have size "
                     f"{size} on axis {k} (size = {ax.size}); use a larger image")
-
-
-def _values(analysis):
-    return dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
-                    analysis.input_shape[2:]))
 
 
 def plan_segment(analysis: Analysis, seg: Segment, tile_size, step=None) -> TilePlan:

@@ -92,8 +92,7 @@ class PassMemory:
 def node_costs(analysis) -> dict[str, NodeCost]:
     """Per stem tensor (graph order), its :class:`NodeCost`."""
     gm = analysis.graph_module
-    values = dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
-                      analysis.input_shape[2:]))
+    values = analysis.size_values
     out = {}
     for node in gm.graph.nodes:
         g = node.meta.get(GEOMETRY)

@@ -39,8 +39,7 @@ def build_driver(model: nn.Module, analysis, plan: Plan, engines) -> fx.GraphMod
     root = {}
     statistics = [n for n in graph.nodes if n.name in stem and
                   isinstance(n.meta.get(GEOMETRY), passes.Reduced)]
-    values = dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
-                      analysis.input_shape[2:]))
+    values = analysis.size_values
     for p, engine in zip(plan.passes, engines):
         target = f"fxstream_pass_{p.index}"
         root[target] = engine

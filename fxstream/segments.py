@@ -181,7 +181,7 @@ def _reduced(node) -> bool:
 
 def _segment(analysis, source, names, outputs, sums) -> Segment:
     nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
-    values = _sizes(analysis)
+    values = analysis.size_values
     sizes = tuple(int(ax.size.subs(values)) for ax in nodes[source].meta[GEOMETRY].axes)
     steps = tuple(_step(analysis, source, maps, step_sums, step_nodes)
                   for maps, step_sums, step_nodes in step_layout(nodes, source, names, outputs,
@@ -223,15 +223,10 @@ def whole_step(analysis: Analysis, seg: Segment) -> Step | None:
     return _step(analysis, seg.source, seg.outputs, seg.sums, order)
 
 
-def _sizes(analysis) -> dict:
-    return dict(zip(passes.input_symbols(len(analysis.input_shape) - 2),
-                    analysis.input_shape[2:]))
-
-
 def _step(analysis, source, maps, step_sums, step_nodes) -> Step:
     gm = analysis.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
-    values = _sizes(analysis)
+    values = analysis.size_values
     src = nodes[source].meta[GEOMETRY]
     summed = tuple(nodes[r].args[0].name for r in step_sums)
     outs = tuple(maps) + summed
