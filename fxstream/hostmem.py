@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import threading
 
@@ -126,6 +127,16 @@ def trim(device) -> None:
         _LIBC.malloc_trim(0)
 
 
+def give_back() -> None:
+    """After planning: collect the garbage cycles its tracing and measurements left and return
+    the heap's free pages, so the step starts from the memory the plan counted as its
+    baseline (MONAI's U-Net at 1024²: planning grew the process by 64 MiB, 54 MiB of it
+    garbage or free heap)."""
+    gc.collect()
+    if _LIBC is not None and _depth == 0:
+        _LIBC.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def tile_pool(device, tiles: int = 2):
     """Run a loop over ``tiles`` tiles with malloc keeping freed memory for reuse (see module
@@ -171,5 +182,5 @@ def long_lived():
                     _LIBC.mallopt(_M_MMAP_THRESHOLD, _POOL_MMAP_THRESHOLD)
 
 
-__all__ = ["Guard", "fix_thresholds", "long_lived", "pool_enabled", "release", "rss",
+__all__ = ["Guard", "fix_thresholds", "give_back", "long_lived", "pool_enabled", "release", "rss",
            "tile_pool", "trim"]

@@ -239,7 +239,7 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
                p.side_inputs, p.tiles[0].lengths, p.view_input, p.keep, grad, read)
         if key not in cache:
             tm = nodes[p.source].meta["tensor_meta"]
-            side = [meta_value(nodes[s].meta.get("tensor_meta")) for s in p.side_inputs]
+            side = [_side_value(nodes[s]) for s in p.side_inputs]
             cache[key] = memory_model.measure_pass(p, tm.shape, tm.dtype, side,
                                                    source_grad=grad, backend=memory.device,
                                                    read_sums=read)
@@ -252,6 +252,18 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
     phases = memory_model.plan_phases(passes_, measured, map_bytes, source_grads, memory.fixed,
                                       factor)
     return measured, phases
+
+
+def _side_value(node):
+    """A pass's side input as the measurement hands it in: statistics computed in the step
+    (not the model's own inputs) carry a gradient there, and the backward of the ops that read
+    them holds tile-sized temporaries for it (14 statistics read in one MONAI U-Net pass: 0.11
+    GiB)."""
+    value = meta_value(node.meta.get("tensor_meta"))
+    if node.op != "placeholder" and isinstance(value, torch.Tensor) and \
+            value.dtype.is_floating_point:
+        value.requires_grad_(True)
+    return value
 
 
 def sums_read(nodes, p: Pass, later) -> tuple[bool, ...]:

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import calls, dense
+from . import calls, dense, hostmem
 from .analysis import Analysis, analyze_traced, check_input_shape, param_dtype
 from .batchnorm import check_streamable, freeze_batchnorm
 from .budget import parse_bytes
@@ -67,6 +67,7 @@ def build(model: nn.Module, options: CompileOptions, input_shape, dtype: torch.d
     check_streamable(analysis)
     # 5. the plan: cuts, segments, tiles, and what each pass keeps, pools or recomputes
     plan = make_plan(analysis, options.plan, situation)
+    hostmem.give_back()  # what planning left: the step starts from the baseline it counted
     # 6. one engine per pass, and the generated module that runs them and then the head
     device = torch.device(situation.device)
     engines = [PassEngine(p, device, options.plan.cudnn_benchmark, observer)

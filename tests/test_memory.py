@@ -5,6 +5,7 @@ pass runs for real on the CPU under the same allocation tracker, and the two mus
 per-node model of the budget search is checked to stay close to the exact one; estimates of
 whole steps against measured peaks live in ``examples/memory_check.py`` (a benchmark)."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,3 +138,45 @@ def test_a_pass_is_measured_with_the_gradients_the_step_gives_it():
     assert measured.backward == pytest.approx(real.peak, rel=0.03)
     every = measure_pass(p, shape, torch.float32)  # a gradient into every sum: too much
     assert every.backward > 1.1 * real.peak
+
+
+def test_the_measurement_holds_what_a_tile_loop_accumulates():
+    """Two things the real backward of a statistics pass holds that a one-tile measurement
+    without gradients for its statistics missed (MONAI's U-Net at 1024²: the step 30% over its
+    estimate): the backward of the ops that read a statistic, into that statistic (tile-sized
+    temporaries), and, from the second tile on, the parameter and statistics gradients summed
+    over the tiles before. Measured as the step runs it, each pass's backward is what the CPU
+    allocates over all its tiles."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.GroupNorm(4, 32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 192, 3, padding=1), torch.nn.GroupNorm(4, 192), torch.nn.ReLU(),
+        torch.nn.Conv2d(192, 192, 3, padding=1), torch.nn.GroupNorm(4, 192), torch.nn.ReLU(),
+        torch.nn.Conv2d(192, 192, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(192, 2)).train()
+    shape = (1, 3, 64, 64)
+    analysis = fxstream.analyze(model, shape)
+    plan = make_plan(analysis, PlanOptions(tile_size=24, memory_budget=None))
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    checked = 0
+    for p in plan.passes:
+        if p.keep or p.num_tiles < 2:
+            continue
+        side = [torch.rand(tuple(nodes[s].meta["tensor_meta"].shape), requires_grad=True)
+                for s in p.side_inputs]
+        engine = PassEngine(p, torch.device("cpu"))
+        params = [q for q in p.graph.parameters() if q.requires_grad]
+        outs = StreamFunction.apply(engine, torch.randn(shape), len(side), *side, *params)
+        grads = [torch.ones_like(o) for o in outs]
+        with _Tracker("cpu") as real:
+            torch.autograd.grad(outs, side + params, grads)
+        meta_side = [torch.empty(s.shape, device="meta", requires_grad=True) for s in side]
+        measured = measure_pass(p, shape, torch.float32, meta_side)
+        assert measured.backward == pytest.approx(real.peak, rel=0.02), p.index
+        # one tile without gradients for the statistics: what the measurement was
+        one = measure_pass(replace(p, tiles=p.tiles[:1]), shape, torch.float32,
+                           [torch.empty(s.shape, device="meta") for s in side])
+        if p.side_inputs:
+            assert one.backward < 0.9 * real.peak, p.index
+            checked += 1
+    assert checked >= 2  # the statistics passes of the second and third GroupNorm
