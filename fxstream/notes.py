@@ -21,7 +21,8 @@ GOOD_REDUNDANCY = 1.5
 
 def notes(analysis: Analysis, plan: Plan) -> tuple[str, ...]:
     """What a user should be told once about this plan: work the stem leaves to the head, an
-    image handed to the head as it is, tiles that recompute most of themselves."""
+    image handed to the head as it is, a plan that holds no less than the full image would,
+    tiles that recompute most of themselves."""
     out = []
     share = analysis.stem_share
     if share is not None and share < 0.5:
@@ -31,6 +32,13 @@ def notes(analysis: Analysis, plan: Plan) -> tuple[str, ...]:
                    f"the whole image in the head{where}")
     if analysis.image_in_boundary:
         out.append("the head reads the image itself (it is handed over as it is, not copied)")
+    est = plan.estimate
+    if est is not None and est.full_peak and est.peak >= est.full_peak:
+        gib = 2**30
+        out.append(f"this plan is estimated to hold {est.peak / gib:.2f} GiB, no less than the "
+                   f"full image's step ({est.full_peak / gib:.2f} GiB): at this size the image "
+                   "fits whole (the default budget is at least 512 MiB above what the process "
+                   "holds); streaming saves memory on larger images")
     for p in plan.passes:
         if p.redundancy > WASTEFUL_REDUNDANCY and p.num_tiles > 1:
             better = _better_tile(analysis, p, plan)

@@ -141,6 +141,8 @@ class Plan:
             head += f", estimated peak {self.estimate.peak / gib:.2f} GiB"
         if self.budget is not None:
             head += f" under a budget of {self.budget / gib:.2f} GiB"
+        if self.estimate is not None and self.estimate.full_peak:
+            head += f" (the full image's step: {self.estimate.full_peak / gib:.2f} GiB)"
         lines = [head]
         for p in self.passes:
             how = ("graph kept" if p.keep else "recomputed") + (", pooled" if p.pool else "") \

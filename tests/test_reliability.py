@@ -209,6 +209,20 @@ def test_a_wasteful_plan_says_which_tile_helps():
         sm(torch.randn(1, 3, 200, 200))
 
 
+def test_a_plan_that_saves_no_memory_says_so():
+    """The default budget is at least 512 MiB above what the process holds: on a small image
+    that is more than the full image's step, and the plan is free to hold as much."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1))
+    sm = fxstream.compile(net)
+    with pytest.warns(fxstream.FxStreamWarning, match=r"this plan is estimated to hold .* no "
+                                                      r"less than the full image's step"):
+        sm(torch.randn(1, 3, 64, 64))
+    plan = sm.plan((1, 3, 64, 64))
+    assert plan.estimate.peak >= plan.estimate.full_peak
+    assert "the full image's step:" in str(plan)
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
