@@ -12,6 +12,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import FxStreamError
@@ -20,6 +21,15 @@ from .infer_cli import add_infer
 PROG = "fxstream"
 SPEC_HELP = ("model SPEC: 'package.module:callable' (e.g. torchvision.models:resnet50), "
              "'path/to/model.py:callable' or 'timm:NAME'; no weights are downloaded")
+
+
+def _console():
+    """The console for stdout. Piped or redirected there is no terminal to measure and rich
+    would wrap tables at 80 columns, cutting node names: 160 then (``COLUMNS`` still wins)."""
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(highlight=False, width=width)
 
 
 def add_model_arguments(p, example_input: str, several_inputs: bool = False,
@@ -42,7 +52,6 @@ def add_model_arguments(p, example_input: str, several_inputs: bool = False,
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``fxstream analyze``: trace the model, report geometry, boundary and tile plan."""
-    from rich.console import Console
 
     from .analysis import analyze
     from .planner import PlanOptions, make_plan
@@ -63,7 +72,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(to_json(analysis, summary) + "\n")
     else:
-        render(analysis, Console(highlight=False), all_nodes=args.all_nodes, plan=summary)
+        render(analysis, _console(), all_nodes=args.all_nodes, plan=summary)
     return 0
 
 
@@ -89,7 +98,6 @@ def add_analyze(subparsers) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``fxstream check``: streamed vs full image, forward and backward; exit 1 if they differ."""
-    from rich.console import Console
 
     from .check import check
     from .report import render_check
@@ -104,7 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cuts = [c for c in args.cuts.split(",") if c] if args.cuts else None
     result = check(model, input_shape, tile, dtype=dtype, tol=args.tol, split=args.split,
                    leaf_modules=tuple(args.leaf), seed=args.seed, device=args.device, cuts=cuts)
-    render_check(result, Console(highlight=False), all_rows=args.all_rows)
+    render_check(result, _console(), all_rows=args.all_rows)
     return 0 if result.passed else 1
 
 
@@ -169,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(to_json(result) + "\n")
     else:
-        render_bench(result, Console(highlight=False))
+        render_bench(result, _console())
     if args.plot:
         plot_bench(result, args.plot)
         err.print(f"plot written to {args.plot}")
