@@ -238,10 +238,9 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     counts apart; and for a pass that keeps its graph, what stays alive until its backward.
     ``side``: the side inputs as meta tensors; those that require grad (statistics computed in
     the step) get their gradient, as in the step. ``read_sums``: per sum of the pass, whether what it computes is read with grad (by a later
-    pass or the head; default: all are). As in the step, only those get a gradient: in a pass
-    that keeps its graph a sum nobody reads adds no backward through its summed tensor; a
-    recomputed pass is handed zeros for it by autograd and back-propagates them (in the step
-    and here alike)."""
+    pass or the head; default: all are). As in the step, only those get a gradient: a sum
+    nobody reads adds no backward through its summed tensor (a kept graph is never
+    differentiated there; a recomputed pass is handed None for it and skips it)."""
     graph = copy.deepcopy(p.graph).to("meta")
     tile = p.tiles[0]
     # the loop's first two tiles (largest first): the second back-propagates while the first

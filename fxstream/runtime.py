@@ -231,6 +231,9 @@ class StreamFunction(torch.autograd.Function):
         # a lazy image is no tensor: kept as it is (its tiles are read again in the backward)
         ctx.lazy = source if feeder.is_lazy(source) else None
         ctx.save_for_backward(*([] if ctx.lazy is not None else [source]), *tensors, *params)
+        # an output nothing differentiates (a sum no statistic read with grad reads) gets None,
+        # not zeros: its tiles back-propagate nothing for it
+        ctx.set_materialize_grads(False)
         return outs
 
     @staticmethod
@@ -243,6 +246,8 @@ class StreamFunction(torch.autograd.Function):
         params = rest
         create_graph = torch.is_grad_enabled()  # the gradient will be differentiated
         wanted = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[3:3 + ctx.n_side])
+        if all(g is None for g in grads):  # nothing to back-propagate: no recompute
+            return (None, None, None, *[None] * (len(ctx.side) + len(params)))
         tiles = spec.num_tiles if spec.pool and not create_graph else 1
         with hostmem.tile_pool(engine.device, tiles), \
                 feeder.device_settings(engine.device, engine.cudnn_benchmark):
