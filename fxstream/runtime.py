@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import feeder, hostmem, reductions
+from .errors import UnsupportedError
 from .plans import Pass
 
 
@@ -248,6 +249,14 @@ class StreamFunction(torch.autograd.Function):
         wanted = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[3:3 + ctx.n_side])
         if all(g is None for g in grads):  # nothing to back-propagate: no recompute
             return (None, None, None, *[None] * (len(ctx.side) + len(params)))
+        if create_graph and params and any(wanted[1:]):
+            raise UnsupportedError(
+                f"fxstream: pass {spec.index} reads statistics streamed by an earlier pass "
+                f"({', '.join(spec.side_inputs)}), and a backward with create_graph=True (a "
+                "gradient penalty, double backward) would count their path to the parameters "
+                "twice. Differentiate the plain model instead, compute the statistics inside "
+                "one tile (a larger memory_budget or tile_size), or freeze BatchNorm "
+                "(fxstream.freeze_batchnorm).")
         tiles = spec.num_tiles if spec.pool and not create_graph else 1
         with hostmem.tile_pool(engine.device, tiles), \
                 feeder.device_settings(engine.device, engine.cudnn_benchmark):

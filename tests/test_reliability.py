@@ -110,6 +110,33 @@ def test_double_backward_is_exact(cuts):
         assert (w - g).abs().max() / scale < TOL
 
 
+def test_double_backward_through_streamed_statistics_is_refused():
+    """A later pass's recompute keeps the statistics attached for a double backward, so the
+    gradient of a parameter also ran back through them into the earlier pass, which autograd
+    reaches again through the statistics' own gradient: the first-order weight gradient was
+    71% off, the parameters' 54-300% after the penalty's backward. Refused, naming the pass."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2)).double()
+    shape = (1, 3, 24, 24)
+    sm = fxstream.compile(net, input_shape=shape, tile_size=12, memory_budget=None)
+    assert any(p.side_inputs and p.num_tiles > 1 for p in sm.plan(shape, torch.float64).passes)
+    x = torch.randn(shape, dtype=torch.float64)
+    with pytest.raises(fxstream.UnsupportedError, match=r"pass 1 reads statistics streamed by "
+                                                        r"an earlier pass.*create_graph=True"):
+        torch.autograd.grad(sm(x)[:, 0].sum(), net[0].weight, create_graph=True)
+    # a plain backward through the same plan stays exact
+    net.zero_grad()
+    net(x)[:, 0].sum().backward()
+    want = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    sm(x)[:, 0].sum().backward()
+    scale = max(w.abs().max() for w in want)
+    for w, p in zip(want, net.parameters()):
+        assert (w - p.grad).abs().max() / scale < TOL
+
+
 def test_a_budget_is_planned_for_each_input_shape():
     import torchvision
 
