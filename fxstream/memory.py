@@ -10,8 +10,8 @@ Two ways to the same numbers, one fast and one exact:
   pending branch gradient), all scaled to the tile's share of the map, plus one set of its
   weights' gradients per tile and the runtime's copies of the input tile.
 - **Per pass** (:func:`measure_pass`, for the plan that is chosen): the runtime's own code runs
-  one tile of the pass, forward and backward, on the meta device while a dispatch mode tracks
-  every storage it allocates and frees. Nothing is fitted: this is what the code allocates.
+  the pass's first two tiles, forward and backward, on the meta device while a dispatch mode
+  tracks every storage it allocates and frees. Nothing is fitted: this is what the code allocates.
 
 Kernels also allocate what no tensor shows: on the CPU oneDNN's convolutions reorder their
 tensors to and from its blocked layout, so a convolution holds one more copy of the larger of
@@ -232,13 +232,13 @@ def _spatial(p: Pass, shape) -> dict:
 
 def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False,
                  backend: str = "cpu", read_sums=None) -> PassMemory:
-    """Run the pass's largest tile on the meta device with the runtime's own code and track what
-    it allocates: the peak of the forward (no grad) and of the backward (recompute with grad
+    """Run the pass's first two tiles (the largest first) on the meta device with the runtime's
+    own code and track what it allocates: the peak of the forward (no grad) and of the backward (recompute with grad
     and back-propagation), less the full-size maps (outputs, the source's gradient) the plan
     counts apart; and for a pass that keeps its graph, what stays alive until its backward.
     ``side``: the side inputs as meta tensors; those that require grad (statistics computed in
-    the step) get their gradient, as in the step. ``read_sums``: per sum of the pass, whether what it computes is read with grad (by a later
-    pass or the head; default: all are). As in the step, only those get a gradient: a sum
+    the step) get their gradient, as in the step. ``read_sums``: per sum of the pass, whether
+    what it computes is read with grad (by a later pass or the head; default: all are). As in the step, only those get a gradient: a sum
     nobody reads adds no backward through its summed tensor (a kept graph is never
     differentiated there; a recomputed pass is handed None for it and skips it)."""
     graph = copy.deepcopy(p.graph).to("meta")
@@ -278,8 +278,9 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
         return PassMemory(max(forward, 0), max(backward, 0), kept if p.keep else 0)
     params = [q for q in graph.parameters() if q.requires_grad]
+    # nothing to differentiate: the pass has no backward
     if not params and not source_grad and not any(
-            isinstance(s, torch.Tensor) and s.requires_grad for s in side):  # nothing to differentiate: the pass has no backward
+            isinstance(s, torch.Tensor) and s.requires_grad for s in side):
         return PassMemory(max(forward, 0), 0, 0)
     with torch.enable_grad():
         outs = _read(StreamFunction.apply(engine, source, len(side), *side, *params), p,
