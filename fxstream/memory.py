@@ -233,14 +233,15 @@ def _spatial(p: Pass, shape) -> dict:
 def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False,
                  backend: str = "cpu", read_sums=None) -> PassMemory:
     """Run the pass's first two tiles (the largest first) on the meta device with the runtime's
-    own code and track what it allocates: the peak of the forward (no grad) and of the backward (recompute with grad
-    and back-propagation), less the full-size maps (outputs, the source's gradient) the plan
-    counts apart; and for a pass that keeps its graph, what stays alive until its backward.
-    ``side``: the side inputs as meta tensors; those that require grad (statistics computed in
-    the step) get their gradient, as in the step. ``read_sums``: per sum of the pass, whether
-    what it computes is read with grad (by a later pass or the head; default: all are). As in the step, only those get a gradient: a sum
-    nobody reads adds no backward through its summed tensor (a kept graph is never
-    differentiated there; a recomputed pass is handed None for it and skips it)."""
+    own code and track what it allocates: the peak of the forward (no grad) and of the backward
+    (recompute with grad and back-propagation), less the full-size maps (outputs, the source's
+    gradient) the plan counts apart; and for a pass that keeps its graph, what stays alive until
+    its backward. ``side``: the side inputs as meta tensors; those that require grad (statistics
+    computed in the step) get their gradient, as in the step. ``read_sums``: per sum of the
+    pass, whether what it computes is read with grad (by a later pass or the head; default: all
+    are). As in the step, only those get a gradient: a sum nobody reads adds no backward through
+    its summed tensor (a kept graph is never differentiated there; a recomputed pass is handed
+    None for it and skips it)."""
     graph = copy.deepcopy(p.graph).to("meta")
     tile = p.tiles[0]
     # the loop's first two tiles (largest first): the second back-propagates while the first
