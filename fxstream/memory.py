@@ -279,9 +279,9 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
         return PassMemory(max(forward, 0), max(backward, 0), kept if p.keep else 0)
     params = [q for q in graph.parameters() if q.requires_grad]
-    # nothing to differentiate: the pass has no backward
-    if not params and not source_grad and not any(
-            isinstance(s, torch.Tensor) and s.requires_grad for s in side):
+    # nothing to differentiate (a frozen stem: its statistics need no gradient either, since
+    # they are computed from the same frozen layers): the pass has no backward
+    if not params and not source_grad:
         return PassMemory(max(forward, 0), 0, 0)
     with torch.enable_grad():
         outs = _read(StreamFunction.apply(engine, source, len(side), *side, *params), p,
