@@ -40,11 +40,24 @@ def extra_inputs(model, image, rest, kwargs):
     return list(bound.arguments.values())[1:]
 
 
+def required_arguments(model: nn.Module) -> list[str]:
+    """The names of ``forward``'s arguments after the image that have no default: a stem may
+    read them, so its shapes (and plan) wait for their values."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 def signature(extra) -> tuple:
-    """What the plan depends on in the other arguments: tensor shapes and dtypes, else types."""
+    """What the plan depends on in the other arguments: tensor shapes, dtypes and whether they
+    want a gradient (a stem that reads one back-propagates into it), else types."""
     if extra is None:
         return ()
-    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else
+    return tuple((tuple(v.shape), v.dtype, v.requires_grad) if isinstance(v, torch.Tensor) else
                  (type(v).__name__, v if isinstance(v, (int, float, bool, str, type(None)))
                   else None) for v in extra)
 
@@ -66,4 +79,5 @@ def hooked_stem_modules(analysis: Analysis) -> list[str]:
     return out
 
 
-__all__ = ["extra_inputs", "hooked_stem_modules", "mode", "model_device", "signature"]
+__all__ = ["extra_inputs", "hooked_stem_modules", "mode", "model_device", "required_arguments",
+           "signature"]

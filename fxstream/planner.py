@@ -255,13 +255,14 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
 
 
 def _side_value(node):
-    """A pass's side input as the measurement hands it in: statistics computed in the step
-    (not the model's own inputs) carry a gradient there, and the backward of the ops that read
-    them holds tile-sized temporaries for it (14 statistics read in one MONAI U-Net pass: 0.11
-    GiB)."""
-    value = meta_value(node.meta.get("tensor_meta"))
-    if node.op != "placeholder" and isinstance(value, torch.Tensor) and \
-            value.dtype.is_floating_point:
+    """A pass's side input as the measurement hands it in: statistics computed in the step, and
+    the model's other inputs that want a gradient, carry one there, and the backward of the
+    ops that read them holds tile-sized temporaries for it (14 statistics read in one MONAI
+    U-Net pass: 0.11 GiB)."""
+    tm = node.meta.get("tensor_meta")
+    value = meta_value(tm)
+    grad = node.op != "placeholder" or bool(getattr(tm, "requires_grad", False))
+    if grad and isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
         value.requires_grad_(True)
     return value
 

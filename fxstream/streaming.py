@@ -297,7 +297,9 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
         leaf_modules: module classes or qualnames to keep as single calls when tracing.
         input_shape: an example ``(N, C, *spatial)``: the plan for it is made now (errors show
             here). Without it the channels are read from the first layer, if it tells them, and
-            a 1024-pixel probe is analysed now; every plan is made for the input it serves.
+            a 1024-pixel probe is analysed now; every plan is made for the input it serves. A
+            model whose ``forward`` takes other arguments without defaults is only traced now:
+            its stem may read them, so its plans are made at the calls that pass them.
         cuts: node names or module qualnames (``["layer1", "layer2"]``) after which the stem is
             cut: each segment is streamed on the stored full output of the one before, so the
             tiles' overlap nearly vanishes at the price of storing those maps.
@@ -339,7 +341,11 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
         probe = input_shape is not None
     else:
         input_shape, probe = check_input_shape(input_shape), False
-    if input_shape is not None:
+    if input_shape is not None and calls.required_arguments(model):
+        # the stem may read the other arguments: their values make the plan, at the first call
+        trace(model, options.leaf_modules)
+        object.__setattr__(sm, "_expect", (len(input_shape), input_shape[1]))
+    elif input_shape is not None:
         dtype = param_dtype(model)
         situation = Situation(device=str(calls.model_device(model, torch.empty(0))))
         if probe and options.plan.tile_size is None and options.plan.cuts is None:

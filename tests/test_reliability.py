@@ -277,6 +277,42 @@ def test_other_inputs_go_to_the_head():
         sm(x, clinical, weight, 3)
 
 
+class ScaledStem(nn.Module):
+    """A stem that reads another argument of ``forward`` (a per-channel scale, as a
+    conditioning input would be): it has no default, so compile cannot plan without it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, scale):
+        y = torch.relu(self.c1(x)) * scale
+        return self.fc(torch.relu(self.c2(y)).mean((2, 3)))
+
+
+def test_a_stem_reading_another_argument_is_planned_with_it():
+    """Compile only traces such a model (its probe would have failed on the missing scale);
+    each call plans with the scale it gets, and back-propagates into it exactly; a plan asked
+    for without it says which argument is missing."""
+    torch.manual_seed(0)
+    net = ScaledStem().double()
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
+    scale = torch.randn(1, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    sm = fxstream.compile(net, tile_size=16)
+    out = sm(x, scale)
+    grads = torch.autograd.grad(out.sum(), [scale, *net.parameters()])
+    ref = torch.autograd.grad(net(x, scale).sum(), [scale, *net.parameters()])
+    assert sm.engines[0].spec.num_tiles > 1
+    assert rel(out, net(x, scale)) < TOL
+    for g, r in zip(grads, ref):
+        assert rel(g, r) < TOL
+    assert rel(sm(x, scale.detach()), net(x, scale)) < TOL  # a scale without grad: new plan
+    with pytest.raises(fxstream.GeometryError, match="argument 'scale', which was not given"):
+        sm.plan(x.shape, x.dtype)
+
+
 def test_pickle_and_torch_save_round_trip(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
