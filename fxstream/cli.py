@@ -167,7 +167,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, repeat=args.repeat, warmup=args.warmup,
         split=args.split, leaf_modules=tuple(args.leaf), timeout=args.timeout, force=args.force,
         channels_last=args.channels_last, autocast=args.autocast, offload=args.offload,
-        cudnn_benchmark=args.cudnn_benchmark, train_batchnorm=args.train_batchnorm)
+        cudnn_benchmark=args.cudnn_benchmark, train_batchnorm=args.train_batchnorm,
+        huge_pages=args.huge_pages)
     check_config(cfg)
     if args.plot:
         check_plot_available()
@@ -227,6 +228,10 @@ def add_bench(subparsers) -> None:
     p.add_argument("--train-batchnorm", action="store_true",
                    help="BatchNorm in train mode (batch statistics, running statistics updated; "
                         "streamed as reductions) instead of frozen (every variant)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="CPU: every run with THP_MEM_ALLOC_ENABLE=1, so PyTorch backs large "
+                        "tensors with transparent huge pages (far fewer page faults; set it "
+                        "before Python starts to get the same in training)")
     p.add_argument("--plot", metavar="PNG",
                    help="draw peak memory and time against image size (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

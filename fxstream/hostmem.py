@@ -56,6 +56,34 @@ _lock = threading.Lock()
 _depth = 0
 
 
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def huge_pages_supported() -> bool:
+    """Whether the kernel hands out transparent huge pages to memory that asks for them (its
+    mode is ``always`` or ``madvise``, not ``never``)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def huge_pages_on() -> bool:
+    """Whether this process's PyTorch backs large CPU tensors with transparent huge pages.
+
+    PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first CPU allocation (when torch is
+    imported), and then aligns every allocation of 2 MiB or more to 2 MiB and marks it
+    ``MADV_HUGEPAGE``: the kernel faults such tensors in 2 MiB at a time instead of 4 KiB. A
+    step that allocates its large maps afresh (every one-tile pass, every unpooled tile loop,
+    the full image) spends much of its time in those page faults on some machines: on this
+    project's 2-core VM, EfficientNet-B0's streamed step at 2048² took 30 s of system time
+    in 9.9 million faults without huge pages (see the README, "CPU: huge pages"). It can
+    only be set before Python starts (``THP_MEM_ALLOC_ENABLE=1 python train.py``);
+    ``fxstream bench --huge-pages`` sets it for its runs."""
+    return os.environ.get(HUGE_PAGES_ENV, "0") == "1" and huge_pages_supported()
+
+
 def pool_enabled() -> bool:
     """Whether the tile loops pool host memory (glibc present, not turned off by the env)."""
     return _LIBC is not None and os.environ.get("FXSTREAM_HOST_POOL", "1") != "0"
@@ -182,5 +210,6 @@ def long_lived():
                     _LIBC.mallopt(_M_MMAP_THRESHOLD, _POOL_MMAP_THRESHOLD)
 
 
-__all__ = ["Guard", "fix_thresholds", "give_back", "long_lived", "pool_enabled", "release", "rss",
-           "tile_pool", "trim"]
+__all__ = ["HUGE_PAGES_ENV", "Guard", "fix_thresholds", "give_back", "huge_pages_on",
+           "huge_pages_supported", "long_lived", "pool_enabled", "release", "rss", "tile_pool",
+           "trim"]

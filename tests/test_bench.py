@@ -120,6 +120,23 @@ def test_bench_redundancy_and_floor_come_from_the_plan(bench_json, tiny_spec):
 # variants reported, not run
 
 
+@pytest.mark.skipif(not fxstream.hostmem.huge_pages_supported(),
+                    reason="the kernel hands out no transparent huge pages")
+def test_huge_pages_reach_every_run(tiny_spec, monkeypatch):
+    """``--huge-pages`` starts each run with PyTorch's THP switch set (it is read when torch
+    starts, so only a fresh process can get it), and the header says so."""
+    monkeypatch.delenv(fxstream.hostmem.HUGE_PAGES_ENV, raising=False)
+    code, out, err = run_main("bench", tiny_spec, "--input", SHAPE, "--tile", "32",
+                              "--variants", "streamed", "--repeat", "1", "--huge-pages",
+                              "--json", "--quiet")
+    assert code == 0, err
+    result = json.loads(out)
+    (streamed,) = result["sizes"][0]["variants"]
+    assert [r["huge_pages"] for r in streamed["runs"]] == [True]
+    assert "huge pages" in result["options"]
+    assert not fxstream.hostmem.huge_pages_on()  # this process is left as it was
+
+
 def test_full_image_that_would_not_fit_is_not_run(tiny_spec, monkeypatch):
     monkeypatch.setattr("fxstream.bench.runner.available_memory", lambda device="cpu": 1000)
     monkeypatch.setattr("fxstream.bench.runner.run_child", _no_child)
@@ -177,6 +194,7 @@ def _no_child(*args, **kwargs):
     (["--tile", "4"], "tile_size 4 is too small"),
     (["--tile", "32", "--offload"], "--offload keeps the image and cut maps on the host"),
     (["--tile", "32", "--cudnn-benchmark"], "--cudnn-benchmark tunes cuDNN's convolutions"),
+    (["--tile", "32", "--huge-pages", "--device", "cuda"], "--huge-pages backs CPU tensors"),
     (["--tile", "32", "--input", "1x3x64", "--channels-last"],
      "--channels-last needs 4-d inputs"),
 ])

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..hostmem import HUGE_PAGES_ENV, huge_pages_on
 from .baselines import apply_checkpoint
 from .options import BenchConfig, torch_dtype
 from .results import Run
@@ -20,7 +21,7 @@ def child_config(cfg: BenchConfig, variant, shape, stages) -> dict:
                 split=cfg.split, leaf_modules=list(cfg.leaf_modules), stages=list(stages),
                 warmup=cfg.warmup, channels_last=cfg.channels_last, autocast=cfg.autocast,
                 offload=cfg.offload, cudnn_benchmark=cfg.cudnn_benchmark,
-                train_batchnorm=cfg.train_batchnorm)
+                train_batchnorm=cfg.train_batchnorm, huge_pages=cfg.huge_pages)
 
 
 def run_child(config: dict, variant: str, repeat: int, timeout=None) -> Run:
@@ -28,6 +29,8 @@ def run_child(config: dict, variant: str, repeat: int, timeout=None) -> Run:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    if config.get("huge_pages"):  # read by torch when it starts (fxstream.hostmem.huge_pages_on)
+        env[HUGE_PAGES_ENV] = "1"
     cmd = [sys.executable, "-m", "fxstream.bench.child", "--child", json.dumps(config)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -128,7 +131,7 @@ def child_step(config: dict) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     return dict(seconds=seconds, peak_bytes=memory(peak=True), baseline_bytes=baseline,
-                loss=loss, **extra)
+                loss=loss, huge_pages=not cuda and huge_pages_on(), **extra)
 
 
 def _child_main(argv) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SpecError
+from ..hostmem import huge_pages_supported
 from .results import VARIANTS
 
 
@@ -32,6 +33,7 @@ class BenchConfig:
     offload: bool = False  # CUDA streamed variant: image and cut maps in host memory
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark on (every variant)
     train_batchnorm: bool = False  # BatchNorm in train mode (batch statistics), not frozen
+    huge_pages: bool = False  # CPU: THP_MEM_ALLOC_ENABLE=1 in every run (fxstream.hostmem)
 
 
 def parse_budget(text: str) -> int:
@@ -77,6 +79,11 @@ def check_config(cfg: BenchConfig) -> None:
         raise SpecError(f"--autocast {cfg.autocast!r}: expected bfloat16 or float16")
     if cfg.cudnn_benchmark and not cfg.device.startswith("cuda"):
         raise SpecError("--cudnn-benchmark tunes cuDNN's convolutions: it needs --device cuda")
+    if cfg.huge_pages and cfg.device != "cpu":
+        raise SpecError("--huge-pages backs CPU tensors with huge pages: it needs --device cpu")
+    if cfg.huge_pages and not huge_pages_supported():
+        raise SpecError("--huge-pages: this kernel hands out no transparent huge pages "
+                        "(/sys/kernel/mm/transparent_hugepage/enabled is [never] or missing)")
     if cfg.offload and not cfg.device.startswith("cuda"):
         raise SpecError("--offload keeps the image and cut maps on the host while the model "
                         "runs on CUDA: it needs --device cuda")

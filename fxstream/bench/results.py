@@ -22,6 +22,7 @@ class Run:
     redundancy: float | None = None
     cuts: tuple[str, ...] = ()  # streamed: the cuts compile chose (under --budget)
     tile_size: int | tuple[int, ...] | None = None  # streamed: the tile size it used
+    huge_pages: bool = False  # its torch backed large CPU tensors with huge pages
     error: str = ""
 
 

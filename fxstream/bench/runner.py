@@ -30,6 +30,7 @@ from dataclasses import replace
 from ..analysis import analyze
 from ..memory import full_step_live
 from ..errors import FxStreamError, UnsupportedError
+from ..hostmem import huge_pages_on
 from ..planner import AUTO, PlanOptions, Situation, make_plan
 from ..spec import load_model
 from ..streaming import freeze_batchnorm
@@ -152,7 +153,9 @@ def _options(cfg: BenchConfig) -> tuple[str, ...]:
                              f"autocast {cfg.autocast}" if cfg.autocast else None,
                              "offload" if cfg.offload else None,
                              "cudnn benchmark" if cfg.cudnn_benchmark else None,
-                             "train-mode BatchNorm" if cfg.train_batchnorm else None) if o)
+                             "train-mode BatchNorm" if cfg.train_batchnorm else None,
+                             "huge pages" if cfg.device == "cpu" and (
+                                 cfg.huge_pages or huge_pages_on()) else None) if o)
 
 
 def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -> SizeResult:
