@@ -86,6 +86,9 @@ def test_bench_json_has_variants_medians_ratios(bench_json):
         assert len(v["runs"]) == 1 and not v["runs"][0]["error"]
         assert v["median_seconds"] > 0
         assert v["peak_bytes"] >= v["baseline_bytes"] > 0
+        run = v["runs"][0]
+        assert run["system_seconds"] >= 0 and run["page_faults"] >= 0
+        assert v["median_system_seconds"] == run["system_seconds"]
     full, streamed = variants["full"], variants["streamed"]
     assert full["time_ratio"] == 1.0 and full["memory_ratio"] == 1.0
     assert streamed["time_ratio"] == pytest.approx(streamed["median_seconds"] /
@@ -344,6 +347,37 @@ def test_render_bench_lists_variants_ratios_and_notes():
     assert "full: would not fit (estimated 32.00 GiB > 8.00 GiB available)" in text
     assert "checkpoint: no per-child checkpoint: reasons" in text
     assert "streamed compute estimate: 2.00× full = 4 s (from full)" in text
+
+
+@pytest.mark.parametrize("system, huge, note", [
+    (1.0, False, None),  # a fifth of a 5 s step: no note
+    (3.0, False, "streamed: 3 s of CPU time in the kernel during its 5 s step (2.5 million page "
+                 "faults); --huge-pages backs large tensors with huge pages"),
+    (3.0, True, "streamed: 3 s of CPU time in the kernel during its 5 s step (2.5 million page "
+                "faults)\n"),
+])
+def test_a_step_spent_in_the_kernel_says_so(system, huge, note):
+    """The child's rusage of the timed step (system time, page faults) reaches the report: a
+    step over a quarter in the kernel gets one line, with the hint unless its runs had huge
+    pages already."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    result = _result()
+    small = result.sizes[0]
+    run = fb.Run("streamed", 0, 5.0, 2**30 + 2**29, 2**30, huge_pages=huge,
+                 system_seconds=system, page_faults=2_500_000)
+    streamed = replace(small.variants[1], runs=(run,), median_system_seconds=system)
+    result = replace(result, sizes=(replace(small, variants=(small.variants[0], streamed,
+                                                             small.variants[2])),))
+    out = io.StringIO()
+    fb.render_bench(result, Console(file=out, width=300, color_system=None))
+    text = out.getvalue()
+    if note is None:
+        assert "in the kernel" not in text
+    else:
+        assert note in text
 
 
 def test_json_round_trips_the_result():

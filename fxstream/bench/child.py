@@ -125,13 +125,17 @@ def child_step(config: dict) -> dict:
     baseline = memory(peak=False)
     for _ in range(config["warmup"]):
         step()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     loss = step()
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
     return dict(seconds=seconds, peak_bytes=memory(peak=True), baseline_bytes=baseline,
-                loss=loss, huge_pages=not cuda and huge_pages_on(), **extra)
+                loss=loss, huge_pages=not cuda and huge_pages_on(),
+                system_seconds=after.ru_stime - before.ru_stime,
+                page_faults=after.ru_minflt - before.ru_minflt, **extra)
 
 
 def _child_main(argv) -> int:

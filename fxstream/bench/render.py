@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 from ..errors import SpecError
-from .results import BenchResult
+from .results import BenchResult, VariantResult
+
+# a step with more than this share of its time in the kernel gets a note (see kernel_bound)
+KERNEL_SHARE = 0.25
 
 
 def to_json(result: BenchResult) -> str:
@@ -53,6 +57,14 @@ def render_bench(result: BenchResult, console) -> None:
         for v in size.variants:
             if v.note:
                 console.print(Text(f"  {v.variant}: {v.note}"))
+        for v in size.variants:
+            if kernel_bound(v):
+                faults = statistics.median(r.page_faults for r in v.runs if not r.error)
+                hint = "" if any(r.huge_pages for r in v.runs) else \
+                    "; --huge-pages backs large tensors with huge pages (README: CPU: huge pages)"
+                console.print(Text(f"  {v.variant}: {v.median_system_seconds:.3g} s of CPU time "
+                                   f"in the kernel during its {v.median_seconds:.3g} s step "
+                                   f"({faults / 1e6:.2g} million page faults){hint}"))
         if size.checkpoint_stages and "checkpoint" in [v.variant for v in size.variants]:
             console.print(f"  checkpoint: each of {', '.join(size.checkpoint_stages)} "
                           "recomputed in backward")
@@ -69,6 +81,13 @@ def render_bench(result: BenchResult, console) -> None:
             console.print(f"  streamed compute estimate: {f.ratio:.2f}× full{at}; {f.explanation}."
                           " A streamed step can beat it: the full-image step's working set is "
                           "far larger and runs slower per FLOP")
+
+
+def kernel_bound(v: VariantResult) -> bool:
+    """Whether a variant's step spent over a quarter of its time in the kernel (CPU time, all
+    threads, against the step's wall time): faulting in fresh pages, mostly."""
+    return v.status == "ok" and v.median_system_seconds is not None and \
+        v.median_system_seconds > KERNEL_SHARE * v.median_seconds
 
 
 def _ratio(x) -> str:

@@ -23,6 +23,8 @@ class Run:
     cuts: tuple[str, ...] = ()  # streamed: the cuts compile chose (under --budget)
     tile_size: int | tuple[int, ...] | None = None  # streamed: the tile size it used
     huge_pages: bool = False  # its torch backed large CPU tensors with huge pages
+    system_seconds: float | None = None  # CPU time the timed step spent in the kernel
+    page_faults: int | None = None  # page faults during the timed step
     error: str = ""
 
 
@@ -45,6 +47,7 @@ class VariantResult:
     time_ratio: float | None = None
     memory_ratio: float | None = None  # peak / full's peak
     step_memory_ratio: float | None = None  # (peak - baseline) / full's (peak - baseline)
+    median_system_seconds: float | None = None  # CPU time in the kernel (page faults, mostly)
 
 
 @dataclass(frozen=True)

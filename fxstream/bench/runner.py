@@ -174,7 +174,9 @@ def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -
             v, "ok", note, tuple(runs[v]),
             median_seconds=statistics.median(r.seconds for r in ok),
             peak_bytes=max(r.peak_bytes for r in ok),
-            baseline_bytes=int(statistics.median(r.baseline_bytes for r in ok)))
+            baseline_bytes=int(statistics.median(r.baseline_bytes for r in ok)),
+            median_system_seconds=statistics.median(r.system_seconds for r in ok)
+            if all(r.system_seconds is not None for r in ok) else None)
     full = summaries.get("full")
     if full is not None and full.status == "ok":
         for v, s in summaries.items():
