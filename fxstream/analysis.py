@@ -190,21 +190,27 @@ def _propagate_shapes(gm, input_shape, dtype, extra_inputs):
     try:
         passes.propagate_shapes(gm, input_shape, dtype, extra_inputs)
     except passes.ShapePropagationError as e:
-        node = e.node
-        raise GeometryError(
-            f"the model fails on an input of shape {tuple(input_shape)} at node '{node.name}' "
-            f"({passes.qualname(node) or 'top level'}; {passes.source_line(node)}): "
-            f"{e.cause} ({_hint(dtype, node)})") from e.cause
+        raise _failed(e.node, input_shape, dtype, str(e.cause)) from e.cause
 
 
-def _hint(dtype, node=None) -> str:
-    """What most often makes a model fail on a valid image of this dtype (or at ``node``)."""
-    image = next((n for n in node.graph.nodes if n.op == "placeholder"), None) if node else None
-    missing = [i.name for i in (node.all_input_nodes if node else ())
-               if i.op == "placeholder" and i is not image and i.meta.get("tensor_meta") is None]
-    if missing:
-        return (f"it reads the model's argument '{missing[0]}', which was not given: a stem "
-                f"that reads other arguments is planned when the model is called with them")
+def _failed(node, input_shape, dtype, error: str) -> GeometryError:
+    """The error for a model that fails at ``node``, with what most often causes it."""
+    image = next((n for n in node.graph.nodes if n.op == "placeholder"), None)
+    missing = next((i.name for i in node.all_input_nodes if i.op == "placeholder"
+                    and i is not image and i.meta.get("tensor_meta") is None), None)
+    hint = (f"it reads the model's argument '{missing}', which was not given: a stem that "
+            f"reads other arguments is planned when the model is called with them"
+            if missing else _hint(dtype))
+    err = GeometryError(
+        f"the model fails on an input of shape {tuple(input_shape)} at node '{node.name}' "
+        f"({passes.qualname(node) or 'top level'}; {passes.source_line(node)}): {error} "
+        f"({hint})")
+    err.missing_argument = missing
+    return err
+
+
+def _hint(dtype) -> str:
+    """What most often makes a model fail on a valid image of this dtype."""
     if dtype is not None and not dtype.is_floating_point and not dtype.is_complex:
         return (f"the image is {dtype}, as stored: convert it in the model's forward, e.g. "
                 f"x = x.float() / 255, or is the image too small for the model?")
@@ -221,11 +227,8 @@ def _check_failures(gm, input_shape, dtype=None):
             continue
         if not any(isinstance(i.meta.get(GEOMETRY), (NonLocal, passes.Reduced))
                    for i in node.all_input_nodes):
-            raise GeometryError(
-                f"the model fails on an input of shape {tuple(input_shape)} at node "
-                f"'{node.name}' ({passes.qualname(node) or 'top level'}; "
-                f"{passes.source_line(node)}): {type(error).__name__}: {error} "
-                f"({_hint(dtype, node)})") from error
+            raise _failed(node, input_shape, dtype,
+                          f"{type(error).__name__}: {error}") from error
 
 
 def _find_boundary(gm, split):

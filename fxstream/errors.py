@@ -11,7 +11,10 @@ class TraceError(FxStreamError):
 
 
 class GeometryError(FxStreamError):
-    """Shape propagation or geometry inference failed at a node."""
+    """Shape propagation or geometry inference failed at a node. ``missing_argument``: the
+    model's other argument, not given, that the failing node reads (else None)."""
+
+    missing_argument: str | None = None
 
 
 class SplitError(FxStreamError):

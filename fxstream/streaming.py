@@ -20,7 +20,7 @@ from . import calls, dense, hostmem
 from .analysis import Analysis, analyze_traced, check_input_shape, param_dtype
 from .batchnorm import check_streamable, freeze_batchnorm
 from .budget import parse_bytes
-from .errors import FxStreamWarning, UnsupportedError
+from .errors import FxStreamWarning, GeometryError, UnsupportedError
 from .images import Image
 from .planner import AUTO, PlanOptions, Situation, make_plan
 from .plans import Plan
@@ -29,11 +29,10 @@ from .rewrite import build_driver
 from .runtime import PassEngine, writing_into
 from .segments import resolve_cuts
 from .tiling import tile_sizes
-from .tracing import trace
+from .tracing import probe_shape, trace
 
 log = logging.getLogger(__name__)
 
-PROBE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -298,8 +297,8 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
         input_shape: an example ``(N, C, *spatial)``: the plan for it is made now (errors show
             here). Without it the channels are read from the first layer, if it tells them, and
             a 1024-pixel probe is analysed now; every plan is made for the input it serves. A
-            model whose ``forward`` takes other arguments without defaults is only traced now:
-            its stem may read them, so its plans are made at the calls that pass them.
+            stem that reads another argument of ``forward`` without a default is planned at
+            the calls that pass it.
         cuts: node names or module qualnames (``["layer1", "layer2"]``) after which the stem is
             cut: each segment is streamed on the stored full output of the one before, so the
             tiles' overlap nearly vanishes at the price of storing those maps.
@@ -341,22 +340,22 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
         probe = input_shape is not None
     else:
         input_shape, probe = check_input_shape(input_shape), False
-    if input_shape is not None and calls.required_arguments(model):
-        # the stem may read the other arguments: their values make the plan, at the first call
-        trace(model, options.leaf_modules)
-        object.__setattr__(sm, "_expect", (len(input_shape), input_shape[1]))
-    elif input_shape is not None:
+    if input_shape is not None:
         dtype = param_dtype(model)
         situation = Situation(device=str(calls.model_device(model, torch.empty(0))))
-        if probe and options.plan.tile_size is None and options.plan.cuts is None:
-            built = _analysis_only(model, options, input_shape, dtype)
-        else:
-            built = build(model, options, input_shape, dtype, situation,
-                          observer=sm.progress)
-            key = (calls.mode(model), tuple(input_shape), dtype, situation.device, False, (), False,
-                   False)
-            sm._built[key] = built
-        object.__setattr__(sm, "_last", built)
+        try:
+            if probe and options.plan.tile_size is None and options.plan.cuts is None:
+                built = _analysis_only(model, options, input_shape, dtype)
+            else:
+                built = build(model, options, input_shape, dtype, situation,
+                              observer=sm.progress)
+                sm._built[(calls.mode(model), tuple(input_shape), dtype, situation.device, False,
+                           (), False, False)] = built
+            object.__setattr__(sm, "_last", built)
+        except GeometryError as e:
+            # the stem reads another argument without a default: plans wait for its values
+            if e.missing_argument not in calls.required_arguments(model):
+                raise
         object.__setattr__(sm, "_expect", (len(input_shape), input_shape[1]))
     else:
         trace(model, options.leaf_modules)  # untraceable models fail here, not at first call
@@ -388,19 +387,6 @@ def _options(tile_size, split, leaf_modules, cuts, memory_budget, offload, cudnn
                          memory_budget=memory_budget, offload=bool(offload),
                          cudnn_benchmark=bool(cudnn_benchmark)),
         split=split, leaf_modules=tuple(leaf_modules), progress=bool(progress))
-
-
-def probe_shape(model, leaf_modules):
-    """``(1, C, 1024, ...)`` with C and the spatial rank read from the first layer, or None
-    when the first layer does not tell them (the first input then decides)."""
-    gm = trace(model, leaf_modules)
-    image = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and image in node.all_input_nodes:
-            m = gm.get_submodule(node.target)
-            if isinstance(m, nn.modules.conv._ConvNd):
-                return (1, m.in_channels) + (PROBE_SIZE,) * len(m.kernel_size)
-    return None
 
 
 __all__ = ["Built", "CompileOptions", "StreamingModule", "build", "compile", "freeze_batchnorm"]

@@ -29,6 +29,9 @@ class StreamTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+PROBE_SIZE = 1024  # the spatial size compile analyses a model at without an input_shape
+
+
 def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
     """Trace ``model`` with :class:`StreamTracer`; untraceable code raises :class:`TraceError`.
 
@@ -73,3 +76,16 @@ def _trace_message(model, error) -> str:
     return (f"cannot trace {type(model).__name__}{where}: {first}. "
             "Hint: pass leaf_modules=(TheModuleClass,) to keep the untraceable module as one "
             "call, or split='<module>' to stream only the part before it")
+
+
+def probe_shape(model, leaf_modules):
+    """``(1, C, 1024, ...)`` with C and the spatial rank read from the first layer, or None
+    when the first layer does not tell them (the first input then decides)."""
+    gm = trace(model, leaf_modules)
+    image = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and image in node.all_input_nodes:
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.modules.conv._ConvNd):
+                return (1, m.in_channels) + (PROBE_SIZE,) * len(m.kernel_size)
+    return None

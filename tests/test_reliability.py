@@ -293,7 +293,7 @@ class ScaledStem(nn.Module):
 
 
 def test_a_stem_reading_another_argument_is_planned_with_it():
-    """Compile only traces such a model (its probe would have failed on the missing scale);
+    """Compile leaves such a model's plans to its calls (its probe failed on the missing scale);
     each call plans with the scale it gets, and back-propagates into it exactly; a plan asked
     for without it says which argument is missing."""
     torch.manual_seed(0)
@@ -301,6 +301,8 @@ def test_a_stem_reading_another_argument_is_planned_with_it():
     x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
     scale = torch.randn(1, 4, 1, 1, dtype=torch.float64, requires_grad=True)
     sm = fxstream.compile(net, tile_size=16)
+    assert sm.last_plan is None  # left to the calls; an argument only the head reads is not:
+    assert fxstream.compile(TwoInputs().double(), tile_size=16).last_plan is not None
     out = sm(x, scale)
     grads = torch.autograd.grad(out.sum(), [scale, *net.parameters()])
     ref = torch.autograd.grad(net(x, scale).sum(), [scale, *net.parameters()])
