@@ -52,6 +52,47 @@ def required_arguments(model: nn.Module) -> list[str]:
     return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
+def check_image_only(model: nn.Module, what: str) -> None:
+    """Raise :class:`UnsupportedError` where ``what`` (a command that calls the model with an
+    image alone) cannot call it: its ``forward`` needs other arguments."""
+    needed = required_arguments(model)
+    if needed:
+        raise UnsupportedError(
+            f"{what} calls the model with an image alone, but its forward also needs "
+            f"{', '.join(repr(n) for n in needed)}: give them defaults, or wrap the model in a "
+            f"module whose forward(x) passes them")
+
+
+def check_stem_arguments(analysis: Analysis) -> None:
+    """A stem may read the model's other arguments as tensors (or plain numbers), not as
+    containers of tensors: a pass takes each side input whole, as one tensor."""
+    gm = analysis.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    for p in placeholders:
+        kind = type(p.meta.get("tensor_meta")).__name__
+        if kind in ("list", "tuple", "dict") and _read_by_stem(p):
+            raise UnsupportedError(
+                f"the stem reads the model's argument '{p.name}', a {kind} of tensors: a "
+                f"streamed pass takes the model's other arguments as tensors. Pass its tensors "
+                f"as separate arguments of forward")
+
+
+def _read_by_stem(node) -> bool:
+    """Whether a stem node reads ``node``, directly or through constants computed from it."""
+    stack, seen = list(node.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        role = n.meta.get(passes.ROLE)
+        if role in ("stem", "boundary"):
+            return True
+        if role == "constant":
+            stack += list(n.users)
+    return False
+
+
 def signature(extra) -> tuple:
     """What the plan depends on in the other arguments: tensor shapes, dtypes and whether they
     want a gradient (a stem that reads one back-propagates into it), else types."""
@@ -79,5 +120,5 @@ def hooked_stem_modules(analysis: Analysis) -> list[str]:
     return out
 
 
-__all__ = ["extra_inputs", "hooked_stem_modules", "mode", "model_device", "required_arguments",
-           "signature"]
+__all__ = ["check_image_only", "check_stem_arguments", "extra_inputs", "hooked_stem_modules", "mode", "model_device",
+           "required_arguments", "signature"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .calls import check_image_only
 from .errors import UnsupportedError
 from .streaming import compile as compile_model
 
@@ -104,6 +105,7 @@ def check(model: nn.Module, input_shape, tile_size, dtype=torch.float64, tol: fl
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UnsupportedError(f"device {device!r}: CUDA is not available on this machine "
                                "(torch.cuda.is_available() is False); use device='cpu'")
+    check_image_only(model, "check")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)

@@ -70,7 +70,8 @@ def huge_pages_supported() -> bool:
 
 
 def huge_pages_on() -> bool:
-    """Whether this process's PyTorch backs large CPU tensors with transparent huge pages.
+    """Whether this process was started asking PyTorch for transparent huge pages for large
+    CPU tensors (its environment; set after torch started, the variable has no effect).
 
     PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first CPU allocation (when torch is
     imported), and then aligns every allocation of 2 MiB or more to 2 MiB and marks it

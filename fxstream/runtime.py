@@ -251,12 +251,13 @@ class StreamFunction(torch.autograd.Function):
             return (None, None, None, *[None] * (len(ctx.side) + len(params)))
         if create_graph and params and any(wanted[1:]):
             raise UnsupportedError(
-                f"fxstream: pass {spec.index} reads statistics streamed by an earlier pass "
-                f"({', '.join(spec.side_inputs)}), and a backward with create_graph=True (a "
-                "gradient penalty, double backward) would count their path to the parameters "
-                "twice. Differentiate the plain model instead, compute the statistics inside "
-                "one tile (a larger memory_budget or tile_size), or freeze BatchNorm "
-                "(fxstream.freeze_batchnorm).")
+                f"fxstream: pass {spec.index} reads tensors computed outside it that want a "
+                f"gradient ({', '.join(spec.side_inputs)}: statistics streamed by an earlier "
+                "pass, or the model's other arguments), and a backward with create_graph=True "
+                "(a gradient penalty, double backward) would count their path to the "
+                "parameters twice. Differentiate the plain model instead or detach those "
+                "arguments; statistics are computed inside one tile under a larger "
+                "memory_budget or tile_size, and not at all with fxstream.freeze_batchnorm.")
         tiles = spec.num_tiles if spec.pool and not create_graph else 1
         with hostmem.tile_pool(engine.device, tiles), \
                 feeder.device_settings(engine.device, engine.cudnn_benchmark):

@@ -34,7 +34,6 @@ from .tracing import probe_shape, trace
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class CompileOptions:
     """The arguments of :func:`compile`, checked once."""
@@ -64,6 +63,7 @@ def build(model: nn.Module, options: CompileOptions, input_shape, dtype: torch.d
     analysis = analyze_traced(gm, type(model).__name__, input_shape, dtype, options.split,
                               extra_inputs)
     check_streamable(analysis)
+    calls.check_stem_arguments(analysis)
     # 5. the plan: cuts, segments, tiles, and what each pass keeps, pools or recomputes
     plan = make_plan(analysis, options.plan, situation)
     hostmem.give_back()  # what planning left: the step starts from the baseline it counted
@@ -144,11 +144,13 @@ class StreamingModule(nn.Module):
         """The generated forward of the last plan used (or built)."""
         return self._last.driver.code if self._last is not None else ""
 
-    def plan(self, input_shape, dtype: torch.dtype | None = None) -> Plan:
-        """The plan for an input of this shape in the model's current mode (built if needed)."""
+    def plan(self, input_shape, dtype: torch.dtype | None = None, *args, **kwargs) -> Plan:
+        """The plan for an input of this shape in the model's current mode (built if needed);
+        ``args``/``kwargs``: the model's other arguments, as in a call, where the stem reads
+        them (``sm.plan(x.shape, x.dtype, scale)``)."""
         image = torch.empty(tuple(input_shape), dtype=dtype or param_dtype(self.model),
                             device="meta")
-        return self._get(image, (), {}, resident=False).plan
+        return self._get(image, args, kwargs, resident=False).plan
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -297,8 +299,8 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
         input_shape: an example ``(N, C, *spatial)``: the plan for it is made now (errors show
             here). Without it the channels are read from the first layer, if it tells them, and
             a 1024-pixel probe is analysed now; every plan is made for the input it serves. A
-            stem that reads another argument of ``forward`` without a default is planned at
-            the calls that pass it.
+            stem that reads another argument of ``forward`` (without a default, or with None)
+            is planned at the calls that pass it.
         cuts: node names or module qualnames (``["layer1", "layer2"]``) after which the stem is
             cut: each segment is streamed on the stored full output of the one before, so the
             tiles' overlap nearly vanishes at the price of storing those maps.
@@ -353,8 +355,8 @@ def compile(model: nn.Module, tile_size=None, split: str | None = None, leaf_mod
                            (), False, False)] = built
             object.__setattr__(sm, "_last", built)
         except GeometryError as e:
-            # the stem reads another argument without a default: plans wait for its values
-            if e.missing_argument not in calls.required_arguments(model):
+            # the stem reads another argument compile has no value for: plans wait for it
+            if e.missing_argument is None:
                 raise
         object.__setattr__(sm, "_expect", (len(input_shape), input_shape[1]))
     else:

@@ -88,6 +88,7 @@ def test_bench_json_has_variants_medians_ratios(bench_json):
         assert v["peak_bytes"] >= v["baseline_bytes"] > 0
         run = v["runs"][0]
         assert run["system_seconds"] >= 0 and run["page_faults"] >= 0
+        assert run["user_seconds"] > 0
         assert v["median_system_seconds"] == run["system_seconds"]
     full, streamed = variants["full"], variants["streamed"]
     assert full["time_ratio"] == 1.0 and full["memory_ratio"] == 1.0
@@ -349,17 +350,19 @@ def test_render_bench_lists_variants_ratios_and_notes():
     assert "streamed compute estimate: 2.00× full = 4 s (from full)" in text
 
 
-@pytest.mark.parametrize("system, huge, note", [
-    (1.0, False, None),  # a fifth of a 5 s step: no note
-    (3.0, False, "streamed: 3 s of CPU time in the kernel during its 5 s step (2.5 million page "
-                 "faults); --huge-pages backs large tensors with huge pages"),
-    (3.0, True, "streamed: 3 s of CPU time in the kernel during its 5 s step (2.5 million page "
-                "faults)\n"),
+@pytest.mark.parametrize("system, huge, device, note", [
+    (1.0, False, "cpu", None),  # a fifth of its 5 s of CPU time: no note
+    (3.0, False, "cpu", "streamed: 3 s of its 7 s of CPU time in the kernel (2.5 million page "
+                        "faults); --huge-pages backs large tensors with huge pages"),
+    (3.0, True, "cpu", "streamed: 3 s of its 7 s of CPU time in the kernel (2.5 million page "
+                       "faults)\n"),
+    (3.0, False, "cuda", None),  # the host's page faults are not what a CUDA step waits on
 ])
-def test_a_step_spent_in_the_kernel_says_so(system, huge, note):
-    """The child's rusage of the timed step (system time, page faults) reaches the report: a
-    step over a quarter in the kernel gets one line, with the hint unless its runs had huge
-    pages already."""
+def test_a_step_spent_in_the_kernel_says_so(system, huge, device, note, monkeypatch):
+    """The child's rusage of the timed step (system and user time, page faults) reaches the
+    report: a CPU step with over a quarter of its CPU time in the kernel gets one line, with
+    the hint unless its runs had huge pages already."""
+    monkeypatch.setattr("fxstream.bench.render.huge_pages_supported", lambda: True)
     from dataclasses import replace
 
     from rich.console import Console
@@ -367,10 +370,12 @@ def test_a_step_spent_in_the_kernel_says_so(system, huge, note):
     result = _result()
     small = result.sizes[0]
     run = fb.Run("streamed", 0, 5.0, 2**30 + 2**29, 2**30, huge_pages=huge,
-                 system_seconds=system, page_faults=2_500_000)
-    streamed = replace(small.variants[1], runs=(run,), median_system_seconds=system)
-    result = replace(result, sizes=(replace(small, variants=(small.variants[0], streamed,
-                                                             small.variants[2])),))
+                 system_seconds=system, user_seconds=4.0, page_faults=2_500_000)
+    streamed = replace(small.variants[1], runs=(run,), median_system_seconds=system,
+                       median_user_seconds=4.0)
+    result = replace(result, device=device,
+                     sizes=(replace(small, variants=(small.variants[0], streamed,
+                                                     small.variants[2])),))
     out = io.StringIO()
     fb.render_bench(result, Console(file=out, width=300, color_system=None))
     text = out.getvalue()

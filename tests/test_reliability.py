@@ -123,8 +123,9 @@ def test_double_backward_through_streamed_statistics_is_refused():
     sm = fxstream.compile(net, input_shape=shape, tile_size=12, memory_budget=None)
     assert any(p.side_inputs and p.num_tiles > 1 for p in sm.plan(shape, torch.float64).passes)
     x = torch.randn(shape, dtype=torch.float64)
-    with pytest.raises(fxstream.UnsupportedError, match=r"pass 1 reads statistics streamed by "
-                                                        r"an earlier pass.*create_graph=True"):
+    with pytest.raises(fxstream.UnsupportedError, match=r"pass 1 reads tensors computed outside "
+                                                        r"it.*statistics streamed by an earlier "
+                                                        r"pass.*create_graph=True"):
         torch.autograd.grad(sm(x)[:, 0].sum(), net[0].weight, create_graph=True)
     # a plain backward through the same plan stays exact
     net.zero_grad()
@@ -313,6 +314,32 @@ def test_a_stem_reading_another_argument_is_planned_with_it():
     assert rel(sm(x, scale.detach()), net(x, scale)) < TOL  # a scale without grad: new plan
     with pytest.raises(fxstream.GeometryError, match="argument 'scale', which was not given"):
         sm.plan(x.shape, x.dtype)
+    assert sm.plan(x.shape, x.dtype, scale.detach()) == sm.last_plan  # the last call's
+
+
+class PairStem(nn.Module):
+    """FiLM parameters passed as one tuple argument that the stem reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, film):
+        return self.fc(torch.relu(self.c1(x) * film[0] + film[1]).mean((2, 3)))
+
+
+def test_arguments_the_stem_cannot_take_are_errors():
+    """A tuple of tensors read by the stem is refused at the call, naming it (it used to fail
+    with 'the stem fails on the whole map'); commands that call the model with an image alone
+    refuse a model that needs more."""
+    x = torch.randn(1, 3, 32, 32)
+    film = (torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1))
+    sm = fxstream.compile(PairStem(), tile_size=16)
+    with pytest.raises(fxstream.UnsupportedError, match="argument 'film', a tuple of tensors"):
+        sm(x, film)
+    with pytest.raises(fxstream.UnsupportedError, match="also needs 'scale'"):
+        check(ScaledStem(), (1, 3, 32, 32), tile_size=16)
 
 
 def test_pickle_and_torch_save_round_trip(tmp_path):

@@ -135,6 +135,7 @@ def child_step(config: dict) -> dict:
     return dict(seconds=seconds, peak_bytes=memory(peak=True), baseline_bytes=baseline,
                 loss=loss, huge_pages=not cuda and huge_pages_on(),
                 system_seconds=after.ru_stime - before.ru_stime,
+                user_seconds=after.ru_utime - before.ru_utime,
                 page_faults=after.ru_minflt - before.ru_minflt, **extra)
 
 

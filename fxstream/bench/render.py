@@ -6,6 +6,7 @@ import math
 import statistics
 
 from ..errors import SpecError
+from ..hostmem import huge_pages_supported
 from .results import BenchResult, VariantResult
 
 # a step with more than this share of its time in the kernel gets a note (see kernel_bound)
@@ -58,13 +59,15 @@ def render_bench(result: BenchResult, console) -> None:
             if v.note:
                 console.print(Text(f"  {v.variant}: {v.note}"))
         for v in size.variants:
-            if kernel_bound(v):
+            if result.device == "cpu" and kernel_bound(v):
                 faults = statistics.median(r.page_faults for r in v.runs if not r.error)
-                hint = "" if any(r.huge_pages for r in v.runs) else \
-                    "; --huge-pages backs large tensors with huge pages (README: CPU: huge pages)"
-                console.print(Text(f"  {v.variant}: {v.median_system_seconds:.3g} s of CPU time "
-                                   f"in the kernel during its {v.median_seconds:.3g} s step "
-                                   f"({faults / 1e6:.2g} million page faults){hint}"))
+                cpu = v.median_system_seconds + v.median_user_seconds
+                hint = "; --huge-pages backs large tensors with huge pages (README: CPU: huge " \
+                    "pages)" if huge_pages_supported() and not any(
+                        r.huge_pages for r in v.runs) else ""
+                console.print(Text(f"  {v.variant}: {v.median_system_seconds:.3g} s of its "
+                                   f"{cpu:.3g} s of CPU time in the kernel ({faults / 1e6:.2g} "
+                                   f"million page faults){hint}"))
         if size.checkpoint_stages and "checkpoint" in [v.variant for v in size.variants]:
             console.print(f"  checkpoint: each of {', '.join(size.checkpoint_stages)} "
                           "recomputed in backward")
@@ -84,10 +87,11 @@ def render_bench(result: BenchResult, console) -> None:
 
 
 def kernel_bound(v: VariantResult) -> bool:
-    """Whether a variant's step spent over a quarter of its time in the kernel (CPU time, all
-    threads, against the step's wall time): faulting in fresh pages, mostly."""
+    """Whether a variant's step spent over a quarter of its CPU time (all threads) in the
+    kernel: faulting in fresh pages, mostly."""
     return v.status == "ok" and v.median_system_seconds is not None and \
-        v.median_system_seconds > KERNEL_SHARE * v.median_seconds
+        v.median_user_seconds is not None and \
+        v.median_system_seconds > KERNEL_SHARE * (v.median_system_seconds + v.median_user_seconds)
 
 
 def _ratio(x) -> str:

@@ -24,6 +24,7 @@ class Run:
     tile_size: int | tuple[int, ...] | None = None  # streamed: the tile size it used
     huge_pages: bool = False  # its torch backed large CPU tensors with huge pages
     system_seconds: float | None = None  # CPU time the timed step spent in the kernel
+    user_seconds: float | None = None  # and outside it (both summed over threads)
     page_faults: int | None = None  # page faults during the timed step
     error: str = ""
 
@@ -48,6 +49,7 @@ class VariantResult:
     memory_ratio: float | None = None  # peak / full's peak
     step_memory_ratio: float | None = None  # (peak - baseline) / full's (peak - baseline)
     median_system_seconds: float | None = None  # CPU time in the kernel (page faults, mostly)
+    median_user_seconds: float | None = None  # CPU time outside the kernel
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dataclasses import replace
 
 
 from ..analysis import analyze
+from ..calls import check_image_only
 from ..memory import full_step_live
 from ..errors import FxStreamError, UnsupportedError
 from ..hostmem import huge_pages_on
@@ -91,6 +92,7 @@ def bench(cfg: BenchConfig, progress=None) -> BenchResult:
     dtype = torch_dtype(cfg.dtype)
     available = available_memory(cfg.device)
     model = load_model(cfg.spec)
+    check_image_only(model, "fxstream bench")
     model = (model if cfg.train_batchnorm else freeze_batchnorm(model)).to(dtype).train()
     # 1. per shape, before running anything: plans, full-image estimate, checkpoint stages
     prepared = []
@@ -158,6 +160,14 @@ def _options(cfg: BenchConfig) -> tuple[str, ...]:
                                  cfg.huge_pages or huge_pages_on()) else None) if o)
 
 
+def _cpu_times(runs) -> dict:
+    """Median CPU time of the runs' steps in and outside the kernel (where they report it)."""
+    if any(r.system_seconds is None or r.user_seconds is None for r in runs):
+        return {}
+    return dict(median_system_seconds=statistics.median(r.system_seconds for r in runs),
+                median_user_seconds=statistics.median(r.user_seconds for r in runs))
+
+
 def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -> SizeResult:
     summaries = {}
     for v in cfg.variants:
@@ -175,8 +185,7 @@ def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -
             median_seconds=statistics.median(r.seconds for r in ok),
             peak_bytes=max(r.peak_bytes for r in ok),
             baseline_bytes=int(statistics.median(r.baseline_bytes for r in ok)),
-            median_system_seconds=statistics.median(r.system_seconds for r in ok)
-            if all(r.system_seconds is not None for r in ok) else None)
+            **_cpu_times(ok))
     full = summaries.get("full")
     if full is not None and full.status == "ok":
         for v, s in summaries.items():
