@@ -196,7 +196,9 @@ def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -
     if plan is not None:
         first = plan.passes[0] if plan.passes else None
         num_tiles = first.num_tiles if first else 0
-        multi_cut = len(plan.passes) > 1
+        # the plan's work where one number per pass does not tell it: several segments, or a
+        # pass that keeps its graph (forward once: a one-tile plan's work is the full step's)
+        multi_cut = len(plan.passes) > 1 or any(p.keep for p in plan.passes)
         redundancy = plan.work if plan.work is not None and multi_cut else \
             (first.redundancy if first else 1.0)
         summaries["streamed"] = _check_plan(summaries["streamed"], plan)
@@ -245,7 +247,8 @@ def streaming_floor(redundancy: float, full: VariantResult | None = None,
     again with grad per tile) and its backward once, each over tiles that cover ``r`` times the
     image's pixels: ``r (F + F + B)``; the full step is ``F + B``. With ``B = 2F`` that is
     ``4r/3``. Per-child checkpointing also costs ``F + F + B``, so streamed >= ``r`` x checkpoint.
-    With cuts each segment has its own redundancy; ``r`` is their average weighted by MACs.
+    With cuts each segment has its own redundancy, and a pass that keeps its graph runs its
+    forward once (``multi_cut``): ``r`` is then the plan's work (its passes weighted by MACs).
 
     Example:
         >>> streaming_floor(1.5).ratio
@@ -257,11 +260,15 @@ def streaming_floor(redundancy: float, full: VariantResult | None = None,
         seconds, basis = ratio * full.median_seconds, "full"
     elif checkpoint is not None and checkpoint.status == "ok":
         seconds, basis = redundancy * checkpoint.median_seconds, "checkpoint"
-    cover = (f"the segments' tiles cover {redundancy:.2f}x their input maps (MAC-weighted)"
-             if multi_cut else f"tiles cover {redundancy:.2f}x the image's pixels")
-    explanation = (f"{cover} and the stem runs forward twice (no-grad, then recomputed per "
-                   f"tile) and backward once: r(F+F+B) vs F+B with B = {BACKWARD_COST}F, head "
-                   "ignored")
+    if multi_cut:
+        explanation = (f"the plan's work is {redundancy:.2f}x the stem streamed once without "
+                       "overlap (forward twice, no-grad then recomputed per tile, and backward "
+                       "once: r(F+F+B), MAC-weighted over its passes; a pass that keeps its "
+                       f"graph runs F+B) vs F+B with B = {BACKWARD_COST}F, head ignored")
+    else:
+        explanation = (f"tiles cover {redundancy:.2f}x the image's pixels and the stem runs "
+                       "forward twice (no-grad, then recomputed per tile) and backward once: "
+                       f"r(F+F+B) vs F+B with B = {BACKWARD_COST}F, head ignored")
     return Floor(redundancy, ratio, seconds, basis, explanation)
 
 
