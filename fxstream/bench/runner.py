@@ -191,21 +191,24 @@ def _summarize(cfg, shape, analysis, acts, estimate, stages, runs, skip, plan) -
         for v, s in summaries.items():
             if s.status == "ok":
                 summaries[v] = _with_ratios(s, full)
-    redundancy = num_tiles = None
+    redundancy = num_tiles = work = None
     multi_cut = False
     if plan is not None:
         first = plan.passes[0] if plan.passes else None
         num_tiles = first.num_tiles if first else 0
-        # the plan's work where one number per pass does not tell it: several segments, or a
-        # pass that keeps its graph (forward once: a one-tile plan's work is the full step's)
-        multi_cut = len(plan.passes) > 1 or any(p.keep for p in plan.passes)
+        multi_cut = len(plan.passes) > 1
         redundancy = plan.work if plan.work is not None and multi_cut else \
             (first.redundancy if first else 1.0)
+        # the compute estimate from the plan's work where one pass's overlap does not tell it:
+        # several segments, or a pass that keeps its graph (forward once, as the full step)
+        if plan.work is not None and (multi_cut or any(p.keep for p in plan.passes)):
+            work = plan.work
         summaries["streamed"] = _check_plan(summaries["streamed"], plan)
     streamed = summaries.get("streamed")
     floor = None
     if streamed is not None and redundancy is not None:
-        floor = streaming_floor(redundancy, full, summaries.get("checkpoint"), multi_cut)
+        floor = streaming_floor(redundancy if work is None else work, full,
+                                summaries.get("checkpoint"), work is not None)
     return SizeResult(tuple(shape), num_tiles, redundancy, acts, estimate, tuple(stages),
                       tuple(summaries[v] for v in cfg.variants), floor, plan)
 
