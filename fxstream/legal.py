@@ -16,7 +16,7 @@ from passes import GEOMETRY, ROLE, Local
 from .analysis import Analysis
 from .errors import PlanError
 from .segments import Segment, resolve_cuts, split_segments
-from .tiling import TilePlan, plan_tiles, smallest_tile
+from .tiling import TilePlan, plan_tiles, smallest_tile, too_small
 
 
 def check_stem_sizes(analysis: Analysis):
@@ -40,8 +40,18 @@ def plan_segment(analysis: Analysis, seg: Segment, tile_size, step=None) -> Tile
     """The tiles of one step of a segment (default: its last), every distinct tile length
     checked on the meta device."""
     step = step or seg.steps[-1]
-    return plan_tiles(seg.sizes, step.align, step.geometry, tile_size,
-                      valid=validator(analysis, seg, step))
+    try:
+        return plan_tiles(seg.sizes, step.align, step.geometry, tile_size,
+                          valid=validator(analysis, seg, step))
+    except PlanError as e:
+        if getattr(e, "axis", None) is None or len(seg.steps) == 1:
+            raise
+        # one of several steps (passes over the segment) refused the tile: name the tile that
+        # every step accepts, not this step's smallest (the next step may want more)
+        k = e.axis
+        need = max(smallest_tile(seg.sizes, s.align, s.geometry, validator(analysis, seg, s))[k]
+                   for s in seg.steps)
+        raise too_small(k, e.tile, need, max(s.align[k] for s in seg.steps)) from None
 
 
 def smallest_tiles(analysis: Analysis, cuts) -> dict:

@@ -269,7 +269,7 @@ def plan_one_axis(k, size, align, geos, tile, ok=None, explain: bool = True) -> 
     if tile is None:
         return build(None, None)
     if _max_length(size, align, geos, align) > tile:
-        raise _too_small(k, tile, smallest(), align)
+        raise too_small(k, tile, smallest(), align)
     lo, hi = 1, -(-size // align)  # steps in units of align
     while lo < hi:  # largest step whose tiles fit (before widening)
         mid = (lo + hi + 1) // 2
@@ -282,13 +282,13 @@ def plan_one_axis(k, size, align, geos, tile, ok=None, explain: bool = True) -> 
             plan = build(lo * align, tile)
         except _TooSmall:
             if lo == 1:
-                raise _too_small(k, tile, smallest(), align) from None
+                raise too_small(k, tile, smallest(), align) from None
             lo -= 1
             continue
         if plan.max_length <= tile:
             return plan
         if lo == 1:  # the estimate missed a longer tile
-            raise _too_small(k, tile, smallest(), align)
+            raise too_small(k, tile, smallest(), align)
         lo -= 1
 
 
@@ -314,7 +314,11 @@ def estimate_axis(size: int, align: int, geos, tile: int | None):
     return min(n * (step + overlap), size + (n - 1) * overlap) / size, min(size, step + bound), n
 
 
-def _too_small(k, tile, smallest, align) -> PlanError:
-    return PlanError(f"tile_size {tile} is too small on axis {k}: the smallest legal tile for "
-                     f"this model is {smallest} (receptive field plus alignment {align}); use "
-                     f"tile_size >= {smallest}")
+def too_small(k, tile, smallest, align) -> PlanError:
+    """The error for a ``tile`` under the ``smallest`` legal one on axis ``k`` (it carries
+    ``axis`` and ``tile``, so that a caller planning several steps can name their largest)."""
+    err = PlanError(f"tile_size {tile} is too small on axis {k}: the smallest legal tile for "
+                    f"this model is {smallest} (receptive field plus alignment {align}); use "
+                    f"tile_size >= {smallest}")
+    err.axis, err.tile = k, tile
+    return err

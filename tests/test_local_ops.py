@@ -129,6 +129,28 @@ def test_streamed_equals_full_image(name, plan):
     assert not bad, bad
 
 
+def test_the_smallest_legal_tile_holds_for_every_pass():
+    """A GroupNorm makes two passes over the segment: its statistics (a dilated conv deep) and
+    the whole segment (two more). A tile too small for either names the tile both accept, the
+    same whatever was asked, and that tile plans (it used to name the smallest of the pass
+    that failed first, so following the advice failed again on the next one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=4, dilation=4), nn.GroupNorm(2, 4),
+                          nn.Conv2d(4, 4, 3, padding=6, dilation=6),
+                          nn.Conv2d(4, 4, 3, padding=6, dilation=6), nn.AdaptiveAvgPool2d(1))
+    named = set()
+    for tile in range(2, 64, 2):
+        try:
+            fxstream.compile(model, tile_size=tile, input_shape=(1, 3, 64, 64),
+                             memory_budget=None)
+        except fxstream.PlanError as e:
+            named.add(int(str(e).split("use tile_size >= ")[1]))
+    (smallest,) = named
+    sm = fxstream.compile(model, tile_size=smallest, input_shape=(1, 3, 64, 64),
+                          memory_budget=None)
+    assert len(sm.last_plan.passes) == 2 and sm.last_plan.num_tiles > 1
+
+
 def test_too_small_tile_names_the_smallest_legal_one():
     """Reflect padding 3 then a valid 7x7 conv reads [-9, 9] around each output (the mirror
     reads at both ends), so the smallest legal tile is larger than the receptive field 9 of the
