@@ -120,5 +120,5 @@ def hooked_stem_modules(analysis: Analysis) -> list[str]:
     return out
 
 
-__all__ = ["check_image_only", "check_stem_arguments", "extra_inputs", "hooked_stem_modules", "mode", "model_device",
-           "required_arguments", "signature"]
+__all__ = ["check_image_only", "check_stem_arguments", "extra_inputs", "hooked_stem_modules",
+           "mode", "model_device", "required_arguments", "signature"]

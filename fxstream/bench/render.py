@@ -9,7 +9,7 @@ from ..errors import SpecError
 from ..hostmem import huge_pages_supported
 from .results import BenchResult, VariantResult
 
-# a step with more than this share of its time in the kernel gets a note (see kernel_bound)
+# a step with more than this share of its CPU time in the kernel gets a note (see kernel_bound)
 KERNEL_SHARE = 0.25
 
 
