@@ -231,7 +231,7 @@ def _spatial(p: Pass, shape) -> dict:
 
 
 def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False,
-                 backend: str = "cpu", read_sums=None) -> PassMemory:
+                 backend: str = "cpu", read_sums=None, side_grad=None) -> PassMemory:
     """Run the pass's first two tiles (the largest first) on the meta device with the runtime's
     own code and track what it allocates: the peak of the forward (no grad) and of the backward
     (recompute with grad and back-propagation), less the full-size maps (outputs, the source's
@@ -241,7 +241,9 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     pass, whether what it computes is read with grad (by a later pass or the head; default: all
     are). As in the step, only those get a gradient: a sum nobody reads adds no backward through
     its summed tensor (a kept graph is never differentiated there; a recomputed pass is handed
-    None for it and skips it)."""
+    None for it and skips it). ``side_grad``: whether a side input wants a gradient in the
+    step (the model's other argument does, or a statistic computed from one); default: any
+    side tensor that requires grad here."""
     graph = copy.deepcopy(p.graph).to("meta")
     tile = p.tiles[0]
     # the loop's first two tiles (largest first): the second back-propagates while the first
@@ -279,9 +281,11 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
             bwd.peak - sum(g.untyped_storage().nbytes() for g in grads_in)
         return PassMemory(max(forward, 0), max(backward, 0), kept if p.keep else 0)
     params = [q for q in graph.parameters() if q.requires_grad]
-    # nothing to differentiate (a frozen stem: its statistics need no gradient either, since
-    # they are computed from the same frozen layers): the pass has no backward
-    if not params and not source_grad:
+    if side_grad is None:
+        side_grad = any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
+    # nothing to differentiate (a frozen stem reading no argument that wants a gradient: its
+    # statistics need none either, computed from the same frozen layers): no backward
+    if not params and not source_grad and not side_grad:
         return PassMemory(max(forward, 0), 0, 0)
     with torch.enable_grad():
         outs = _read(StreamFunction.apply(engine, source, len(side), *side, *params), p,

@@ -240,9 +240,14 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
         if key not in cache:
             tm = nodes[p.source].meta["tensor_meta"]
             side = [_side_value(nodes[s]) for s in p.side_inputs]
+            # whether the step back-propagates into a side input: the shape pass knows (it ran
+            # with the arguments as given), or the image wants its gradient
+            side_grad = memory.image_grad or any(
+                getattr(nodes[s].meta.get("tensor_meta"), "requires_grad", False)
+                for s in p.side_inputs)
             cache[key] = memory_model.measure_pass(p, tm.shape, tm.dtype, side,
                                                    source_grad=grad, backend=memory.device,
-                                                   read_sums=read)
+                                                   read_sums=read, side_grad=side_grad)
         measured.append(cache[key])
     map_bytes = [sum(_bytes(nodes[o.name]) for o in p.outputs if o.name in cuts)
                  for p in passes_]

@@ -180,3 +180,46 @@ def test_the_measurement_holds_what_a_tile_loop_accumulates():
             assert one.backward < 0.9 * real.peak, p.index
             checked += 1
     assert checked >= 2  # the statistics passes of the second and third GroupNorm
+
+
+class _FrozenScaled(torch.nn.Module):
+    """A stem with no trainable parameter that reads another argument (a conditioning scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.requires_grad_(False)
+
+    def forward(self, x, scale):
+        return torch.relu(self.c2(torch.relu(self.c1(x)) * scale)).mean((2, 3))
+
+
+def test_a_frozen_stem_back_propagates_into_an_argument_that_wants_it():
+    """With every layer frozen and an image that wants no gradient, the stem's passes still
+    run a backward, tile by tile, when they read an argument that wants one: the measurement
+    used to give such a pass no backward at all, so a budget did not count it. It is measured
+    as the CPU allocates it, and not for the same scale without grad."""
+    from fxstream import planner
+
+    torch.manual_seed(0)
+    net = _FrozenScaled()
+    shape = (1, 3, 96, 96)
+    options = PlanOptions(memory_budget="4GiB")
+    backward = {}
+    for wants in (True, False):
+        scale = torch.randn(1, 8, 1, 1, requires_grad=wants)
+        analysis = fxstream.analyze(net, shape, extra_inputs=(scale,))
+        memory = planner.budget_memory(analysis, options, planner.Situation())
+        (p,) = planner.build_passes(analysis, options, (), [48], [False], [False])
+        assert p.num_tiles > 1 and p.side_inputs and not p.keep
+        (measured,), _ = planner.measure_plan(analysis, (p,), (), memory)
+        backward[wants] = measured.backward
+        if wants:  # the same pass on the CPU: its backward into the scale, all tiles
+            engine = PassEngine(p, torch.device("cpu"))
+            outs = StreamFunction.apply(engine, torch.randn(shape), 1, scale)
+            grads = [torch.ones_like(o) for o in outs]
+            with _Tracker("cpu") as real:
+                torch.autograd.grad(outs, [scale], grads)
+            assert measured.backward == pytest.approx(real.peak, rel=0.02)
+    assert backward[True] > 0 and backward[False] == 0
