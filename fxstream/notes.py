@@ -1,8 +1,8 @@
 """What a user should be told once about a plan (the streamed module warns with these notes).
 
 Work the stem leaves to the head (a stem that stops at a global statistic it cannot stream), an
-image handed to the head as it is, and passes whose tiles recompute most of themselves, with the
-tile size or budget that would not.
+image handed to the head as it is, passes whose tiles recompute most of themselves, with the
+tile size or budget that would not, and statistics that cost the stem its work several times over.
 """
 from __future__ import annotations
 
@@ -17,12 +17,16 @@ from .tiling import plan_tiles
 # size that brings it under GOOD_REDUNDANCY
 WASTEFUL_REDUNDANCY = 3.0
 GOOD_REDUNDANCY = 1.5
+# a plan whose statistics passes bring its stem work over this (the stem streamed once without
+# overlap: 1; the full image's own step: 0.75) is reported
+STATISTICS_WORK = 2.0
 
 
-def notes(analysis: Analysis, plan: Plan) -> tuple[str, ...]:
+def notes(analysis: Analysis, plan: Plan, work: float | None = None) -> tuple[str, ...]:
     """What a user should be told once about this plan: work the stem leaves to the head, an
     image handed to the head as it is, a plan that holds no less than the full image would,
-    tiles that recompute most of themselves."""
+    tiles that recompute most of themselves, statistics streamed at several times the stem's
+    work (``work``: the plan's, relative to the stem streamed once)."""
     out = []
     share = analysis.stem_share
     if share is not None and share < 0.5:
@@ -39,12 +43,35 @@ def notes(analysis: Analysis, plan: Plan) -> tuple[str, ...]:
                    f"full image's step ({est.full_peak / gib:.2f} GiB): at this size the image "
                    "fits whole (the default budget is at least 512 MiB above what the process "
                    "holds); streaming saves memory on larger images")
+    statistics = _statistics(plan, work)
+    if statistics:
+        out.append(statistics)
     for p in plan.passes:
         if p.redundancy > WASTEFUL_REDUNDANCY and p.num_tiles > 1:
             better = _better_tile(analysis, p, plan)
             out.append(f"pass {p.index} computes {p.redundancy:.1f}x the pixels of its map "
                        f"(tiles overlap by their receptive field){better}")
     return tuple(out)
+
+
+def _statistics(plan: Plan, work: float | None) -> str:
+    """Statistics streamed at a high price: every level of whole-image statistics (a norm
+    reading the ones below it) is one more pass over its segment, from the image or the map
+    stored before it, forward and backward (the backward of each level's statistics is a sum
+    over the map too, needed before the level below), so a segment of k levels runs its first
+    layers k times."""
+    segments = len({p.segment for p in plan.passes})
+    extra = len(plan.passes) - segments
+    if work is None or work <= STATISTICS_WORK or extra <= 0:
+        return ""
+    batch = any(s.batch for p in plan.passes for s in p.sums)
+    return (f"this plan streams whole-image statistics level by level: {len(plan.passes)} "
+            f"passes over {segments} segment{'s' if segments > 1 else ''}, stem work "
+            f"{work:.1f}x the stem streamed once (the full image's step: 0.75). Each level of "
+            "statistics is one more pass over its segment from the map stored before it, "
+            "forward and backward; storing more maps (a larger memory_budget, or cuts=) "
+            "recomputes less" + ("; fxstream.freeze_batchnorm(model) leaves train-mode "
+                                 "BatchNorm nothing to stream" if batch else ""))
 
 
 def _better_tile(analysis, p: Pass, plan: Plan) -> str:
@@ -64,4 +91,4 @@ def _better_tile(analysis, p: Pass, plan: Plan) -> str:
     return "; memory_budget= lets the planner cut the stem so tiles overlap little"
 
 
-__all__ = ["GOOD_REDUNDANCY", "WASTEFUL_REDUNDANCY", "notes"]
+__all__ = ["GOOD_REDUNDANCY", "STATISTICS_WORK", "WASTEFUL_REDUNDANCY", "notes"]

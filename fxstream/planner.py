@@ -195,7 +195,11 @@ def _finish(analysis, options, situation, passes_, cuts, budget, estimate) -> Pl
     plan = Plan(input_shape=tuple(analysis.input_shape), dtype=analysis.dtype,
                 device=situation.device, passes=tuple(passes_), cuts=tuple(cuts),
                 boundary=tuple(analysis.boundary), budget=budget, estimate=estimate)
-    return replace(plan, notes=notes(analysis, plan))
+    # a plan that streams statistics: its work, for the note on what the extra passes cost
+    stats = len(passes_) > len({p.segment for p in passes_})
+    work = estimate.work if estimate is not None else \
+        plan_work(analysis, passes_) if stats else None
+    return replace(plan, notes=notes(analysis, plan, work))
 
 
 def budget_memory(analysis, options: PlanOptions, situation: Situation):

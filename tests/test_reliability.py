@@ -251,6 +251,30 @@ def test_a_plan_that_saves_no_memory_says_so():
     assert "the full image's step:" in str(plan)
 
 
+def test_statistics_streamed_at_a_high_price_say_so():
+    """Four levels of train-mode BatchNorm in one segment: each level is another pass over the
+    image, so the stem runs 5x its work; the user is told why and what helps (frozen BatchNorm
+    streams in one pass and says nothing)."""
+    def net():
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        for _ in range(3):
+            layers += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 2)).train()
+
+    x = torch.randn(1, 3, 128, 128)
+    sm = fxstream.compile(net(), tile_size=32)
+    with pytest.warns(fxstream.FxStreamWarning, match=r"statistics level by level: 5 passes "
+                      r"over 1 segment, stem work [4-9]\.\dx .*freeze_batchnorm"):
+        sm(x)
+    frozen = fxstream.compile(fxstream.freeze_batchnorm(net()), tile_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frozen(x)
+    assert len(frozen.last_plan.passes) == 1
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
