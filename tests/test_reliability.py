@@ -263,7 +263,7 @@ def test_statistics_streamed_at_a_high_price_say_so():
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(8, 2)).train()
 
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, 64, 64)
     sm = fxstream.compile(net(), tile_size=32)
     with pytest.warns(fxstream.FxStreamWarning, match=r"statistics level by level: 5 passes "
                       r"over 1 segment, stem work [4-9]\.\dx .*freeze_batchnorm"):
