@@ -195,10 +195,14 @@ def _finish(analysis, options, situation, passes_, cuts, budget, estimate) -> Pl
     plan = Plan(input_shape=tuple(analysis.input_shape), dtype=analysis.dtype,
                 device=situation.device, passes=tuple(passes_), cuts=tuple(cuts),
                 boundary=tuple(analysis.boundary), budget=budget, estimate=estimate)
-    # a plan that streams statistics: its work, for the note on what the extra passes cost
-    stats = len(passes_) > len({p.segment for p in passes_})
-    work = estimate.work if estimate is not None else \
-        plan_work(analysis, passes_) if stats else None
+    # a plan that streams statistics in extra passes: its work, and the work of its segments'
+    # last passes alone (the same tiles, one pass per segment), for the note on what they cost
+    finals = [p for i, p in enumerate(passes_)
+              if i + 1 == len(passes_) or passes_[i + 1].segment != p.segment]
+    work = None
+    if len(finals) < len(passes_):
+        work = (estimate.work if estimate is not None else plan_work(analysis, passes_),
+                plan_work(analysis, finals))
     return replace(plan, notes=notes(analysis, plan, work))
 
 
@@ -244,11 +248,10 @@ def measure_plan(analysis, passes_, cuts, memory, cache=None):
         if key not in cache:
             tm = nodes[p.source].meta["tensor_meta"]
             side = [_side_value(nodes[s]) for s in p.side_inputs]
-            # whether the step back-propagates into a side input: the shape pass knows (it ran
-            # with the arguments as given), or the image wants its gradient
-            side_grad = memory.image_grad or any(
-                getattr(nodes[s].meta.get("tensor_meta"), "requires_grad", False)
-                for s in p.side_inputs)
+            # whether the step back-propagates into a side input (the shape pass knows: it ran
+            # with the arguments as given; an image that wants its gradient makes ``grad``)
+            side_grad = any(getattr(nodes[s].meta.get("tensor_meta"), "requires_grad", False)
+                            for s in p.side_inputs)
             cache[key] = memory_model.measure_pass(p, tm.shape, tm.dtype, side,
                                                    source_grad=grad, backend=memory.device,
                                                    read_sums=read, side_grad=side_grad)

@@ -105,6 +105,7 @@ class StreamingModule(nn.Module):
         object.__setattr__(self, "_built", {})
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_warned", set())
+        object.__setattr__(self, "_reported", set())  # plan keys already logged and warned
         object.__setattr__(self, "_expect", None)  # (rank, channels) seen by compile's probe
         object.__setattr__(self, "progress", TileProgress() if options.progress else None)
         self.training = model.training
@@ -225,6 +226,9 @@ class StreamingModule(nn.Module):
         key = (calls.mode(self.model), tuple(image.shape), image.dtype, str(device), grad,
                calls.signature(extra), lazy, written)
         built = self._built.get(key)
+        if built is not None and key not in self._reported:
+            self._reported.add(key)  # made by compile (input_shape=): told at its first call
+            self._report(built)
         if built is None:
             situation = Situation(device=str(device), image_resident=resident and not lazy,
                                   image_grad=grad, image_lazy=lazy, output_written=written)
@@ -233,6 +237,7 @@ class StreamingModule(nn.Module):
             if lazy:
                 dense.check_lazy_input(built.driver)
             self._built[key] = built
+            self._reported.add(key)
             self._report(built)
         object.__setattr__(self, "_last", built)
         return built
