@@ -1,6 +1,8 @@
 """fxstream's exceptions: one hierarchy under :class:`FxStreamError`."""
 from __future__ import annotations
 
+import math
+
 
 class FxStreamError(Exception):
     """Base class of every error fxstream raises on purpose."""
@@ -38,10 +40,13 @@ class FxStreamWarning(UserWarning):
     stem that holds little of the model, a plan that recomputes most of each tile."""
 
 
-def size_text(n: float) -> str:
+def size_text(n: float, up: bool = False) -> str:
     """Bytes for a message: GiB with two decimals from 64 MiB up, else MiB or KiB (a budget
-    of a few KiB must not read "0.00 GiB")."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if abs(n) >= scale / 16:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n / 2**10:.1f} KiB"
+    of a few KiB must not read "0.00 GiB"). ``up``: rounded up, for a minimum the user may
+    pass back as it reads (a budget "at least 0.88 GiB" that 0.88 GiB does not meet)."""
+    for unit, scale, digits in (("GiB", 2**30, 2), ("MiB", 2**20, 2), ("KiB", 2**10, 1)):
+        if abs(n) >= scale / 16 or unit == "KiB":
+            value = n / scale
+            if up:
+                value = math.ceil(value * 10**digits) / 10**digits
+            return f"{value:.{digits}f} {unit}"

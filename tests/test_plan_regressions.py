@@ -410,3 +410,35 @@ def test_P2_when_corrections_keep_missing_the_planner_plans_for_less(monkeypatch
     plan = make_plan(analysis, options, where)
     assert plan.estimate.peak <= limit and plan.budget == 600 * 2**20
     assert len(searched) > planner.MEASURED_ATTEMPTS and searched[-1] < 600 * 2**20
+
+
+def test_Q_the_smallest_budget_named_by_a_refusal_is_enough():
+    """A refused budget names the least budget the search can plan under; it was rounded to
+    the nearest hundredth of a GiB, so passing it back as read could be refused again (0.88
+    GiB "must be at least 0.88 GiB"). It is rounded up: the named budget plans."""
+    import re
+
+    from fxstream import budget as budget_search, planner
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    analysis = fxstream.analyze(net, (1, 3, 512, 512))
+    situation = planner.Situation(baseline=64 * 2**20)
+    named = []
+    for budget in (70 * 2**20, 71 * 2**20, 73 * 2**20):  # under what any plan needs
+        memory = planner.budget_memory(analysis, planner.PlanOptions(memory_budget=budget),
+                                       situation)
+        with pytest.raises(fxstream.PlanError, match="must be at least") as e:
+            budget_search.choose_plan(analysis, memory, tile_size=None, cuts=None,
+                                      keep_graphs=True, corrections={}, cache={},
+                                      smallest={})
+        value, unit = re.search(r"must be at least ([\d.]+) (GiB|MiB|KiB)",
+                                str(e.value)).groups()
+        named.append(int(float(value) * {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[unit]))
+    assert len(set(named)) == 1
+    memory = planner.budget_memory(analysis, planner.PlanOptions(memory_budget=named[0]),
+                                   situation)
+    assert budget_search.choose_plan(analysis, memory, tile_size=None, cuts=None,
+                                     keep_graphs=True, corrections={}, cache={},
+                                     smallest={}).estimated_peak <= named[0]
