@@ -317,8 +317,10 @@ def choose_plan(analysis, memory: Memory, tile_size=None, cuts=None, keep_graphs
     if best is None:
         least = _search(points, costs, memory.fixed, None, options, consecutive)
         smallest_peak = least.peak if least is not None else None
+        least_budget = size_text(smallest_peak / BUDGET_MARGIN, up=True) if smallest_peak \
+            else ""  # rounded up: the budget named plans as it reads
         need = (f"; the smallest estimated peak is {size_text(smallest_peak)}, so the "
-                f"budget must be at least {size_text(smallest_peak / BUDGET_MARGIN, up=True)} (plans "
+                f"budget must be at least {least_budget} (plans "
                 f"keep {1 - BUDGET_MARGIN:.0%} in reserve)") if smallest_peak else ""
         if least is None and tile_size is not None:  # the tile, not the budget, is the problem
             for src, dst in zip(points, points[1:] + [None]) if consecutive else [(image, None)]:

@@ -242,9 +242,8 @@ def measure_pass(p: Pass, source_shape, source_dtype, side=(), source_grad=False
     are). As in the step, only those get a gradient: a sum nobody reads adds no backward through
     its summed tensor (a kept graph is never differentiated there; a recomputed pass is handed
     None for it and skips it). ``side_grad``: whether a side input wants a gradient in the
-    step (a statistic computed from trainable layers, the model's other argument, or a
-    statistic computed from one); the planner reads it from the shape pass. Default: any side
-    tensor handed in that requires grad (statistics always do here)."""
+    step (the planner reads it from the shape pass); default: any side tensor handed in that
+    requires grad."""
     graph = copy.deepcopy(p.graph).to("meta")
     tile = p.tiles[0]
     # the loop's first two tiles (largest first): the second back-propagates while the first

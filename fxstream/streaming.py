@@ -226,9 +226,6 @@ class StreamingModule(nn.Module):
         key = (calls.mode(self.model), tuple(image.shape), image.dtype, str(device), grad,
                calls.signature(extra), lazy, written)
         built = self._built.get(key)
-        if built is not None and key not in self._reported:
-            self._reported.add(key)  # made by compile (input_shape=): told at its first call
-            self._report(built)
         if built is None:
             situation = Situation(device=str(device), image_resident=resident and not lazy,
                                   image_grad=grad, image_lazy=lazy, output_written=written)
@@ -237,6 +234,7 @@ class StreamingModule(nn.Module):
             if lazy:
                 dense.check_lazy_input(built.driver)
             self._built[key] = built
+        if key not in self._reported:  # also a plan compile made (input_shape=): told once
             self._reported.add(key)
             self._report(built)
         object.__setattr__(self, "_last", built)
