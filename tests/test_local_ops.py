@@ -139,7 +139,7 @@ def test_the_smallest_legal_tile_holds_for_every_pass():
                           nn.Conv2d(4, 4, 3, padding=6, dilation=6),
                           nn.Conv2d(4, 4, 3, padding=6, dilation=6), nn.AdaptiveAvgPool2d(1))
     named = set()
-    for tile in range(2, 64, 2):
+    for tile in range(2, 40, 4):  # too small for the first pass, then for the second
         try:
             fxstream.compile(model, tile_size=tile, input_shape=(1, 3, 64, 64),
                              memory_budget=None)
